@@ -59,3 +59,50 @@ def bend_nnet_schedule(schedule_params, key, strength=20.0):
   p['l1'] = {'kernel': jnp.full_like(p['l1']['kernel'], 0.5), 'bias': p['l1']['bias']}
   p['l3'] = {'kernel': strength * jnp.abs(jax.random.normal(k3, p['l3']['kernel'].shape))}
   return p
+
+
+REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+  """get_config() of configs/NAME.py."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600, env=None):
+  """Runs `code` in a fresh interpreter with `devices` CPU devices; returns CompletedProcess."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO / "tests"}',
+                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  **(env or {}))
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args, devices: int = 1, timeout: int = 600, env=None):
+  """`python -m vdm_jax.main ARGS` in a subprocess; returns CompletedProcess."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu',
+                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  **(env or {}))
+  return subprocess.run([sys.executable, '-m', 'vdm_jax.main', *args], cwd=REPO,
+                        env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def params_of(workdir, config, which='params'):
+  """The newest checkpoint's params (or ema_params) as numpy, restored on 1 device."""
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  _, state, _, _ = train.restore_for_inference(config, str(workdir))
+  return jax.tree.map(lambda x: __import__('numpy').asarray(x), getattr(state, which))
+
+
+def assert_trees_equal(a, b):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(x, y)

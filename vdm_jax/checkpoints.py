@@ -13,6 +13,7 @@ from typing import Any, Optional
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -67,6 +68,7 @@ def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
   try:
     meta = manager.item_metadata(step)
     tree = meta['state'] if 'state' in meta else meta.state
+    tree = getattr(tree, 'tree', tree)  # orbax ≥ 0.11 wraps the tree in a TreeMetadata
     params = tree['params'] if isinstance(tree, dict) else tree.params
   except Exception:  # pylint: disable=broad-except
     return None
@@ -78,12 +80,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Optional[Any], Optional[dict]]:
   """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
-  A damaged checkpoint (unreadable files) is reported and the previous one tried; a
-  checkpoint of a different model raises CheckpointMismatchError naming the
-  parameters. Returns (state, meta), or (None, None) when there is no checkpoint.
+  A damaged checkpoint (unreadable files) is reported and the previous one tried; once
+  one restores, the damaged newer ones are set aside (renamed `<step>.damaged`), so
+  that training can write those steps again and orbax never keeps them in place of
+  good ones. A checkpoint of a different model raises CheckpointMismatchError naming
+  the parameters. Returns (state, meta), or (None, None) when there is no checkpoint.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   expected = _flat_shapes(abstract_state.params)
+  damaged = []
   for step in steps:
     saved = _saved_shapes(manager, step)
     if saved is not None:
@@ -100,7 +105,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
       logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
                     'trying the previous one.', step, manager.directory,
                     type(e).__name__, e)
+      damaged.append(step)
       continue
+    _set_aside(manager, damaged)
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
     return restored['state'], dict(restored['meta'])
   if steps:
@@ -108,6 +115,26 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                        'could be restored (see the errors above). Move the folder aside '
                        'to start afresh.')
   return None, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Renames damaged step folders to `<step>.damaged` (kept for inspection)."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    for step in steps:
+      path = os.path.join(manager.directory, str(step))
+      target, n = f'{path}.damaged', 1
+      while os.path.exists(target):
+        target, n = f'{path}.damaged{n}', n + 1
+      try:
+        os.rename(path, target)
+        logging.warning('Moved the damaged checkpoint at step %d to %s.', step, target)
+      except OSError as e:
+        logging.error('Could not move the damaged checkpoint %s aside: %s', path, e)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('vdm_jax.checkpoints.set_aside')
+  manager.reload()
 
 
 def abstract_like(state: Any, sharding) -> Any:

@@ -135,7 +135,17 @@ def validate(config, mesh=None) -> input_pipeline.DatasetInfo:
       if value % n:
         errors.append(f'config.{name} = {value} does not divide over the {n} devices; '
                       f'use a multiple of {n} (e.g. {(value // n + 1) * n}).')
-  info = input_pipeline.dataset_info(config.data)
+  try:
+    info = input_pipeline.dataset_info(config.data)
+  except FileNotFoundError:
+    raise
+  except ValueError as e:  # bad user data: an 'error: …' on the command line
+    raise ConfigError(f'Invalid data (config.data.dataset = {config.data.dataset!r}): '
+                      f'{e}') from e
+  if info.num_train < config.training.batch_size:
+    errors.append(f'config.training.batch_size = {config.training.batch_size} exceeds the '
+                  f'{info.num_train} training images of {info.name} (after '
+                  'data.num_train); lower the batch size or use more training images.')
   if info.vocab_size != config.model.vocab_size:
     errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match the '
                   f'data: {info.name} has V = {info.vocab_size} values per sub-pixel; set '

@@ -1,0 +1,225 @@
+"""Training end to end: resume, devices, processes, evaluation coverage, CLI, tfds."""
+
+import json
+import math
+import socket
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import common
+from vdm_jax import input_pipeline
+from vdm_jax import optim
+from vdm_jax import parallel
+from vdm_jax import train
+
+
+def _test_config(**training):
+  cfg = common.load_config('test')
+  cfg.training.update(training)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """An uninterrupted 6-step run of configs/test.py on 1 device (in process)."""
+  workdir = tmp_path_factory.mktemp('reference')
+  cfg = _test_config()
+  state = train.train_and_evaluate(cfg, str(workdir))
+  return cfg, workdir, jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def test_next_boundary_stops_at_every_event():
+  cfg = _test_config(num_steps=25, steps_per_call=4, log_every=6, checkpoint_every=10,
+                     eval_every=0, sample_every=0)
+  stops, step = [], 0
+  while step < 25:
+    step = train.next_boundary(step, cfg)
+    stops.append(step)
+  assert stops == [4, 6, 8, 10, 12, 16, 18, 20, 24, 25]
+
+
+def test_weight_decay_spares_biases_norms_and_schedule():
+  params = {'gamma': {'w': 1, 'b': 2}, 'score_model': {
+      'conv_in': {'kernel': 1, 'bias': 2}, 'GroupNorm_0': {'scale': 1, 'bias': 2}}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {'gamma': {'w': False, 'b': False}, 'score_model': {
+      'conv_in': {'kernel': True, 'bias': False},
+      'GroupNorm_0': {'scale': False, 'bias': False}}}
+
+
+def test_ema_warmup_rate():
+  cfg = _test_config().optimizer
+  cfg.ema_rate = 0.999
+  assert float(optim.ema_rate(cfg, np.int32(0))) == pytest.approx(0.1)
+  assert float(optim.ema_rate(cfg, np.int32(10**6))) == pytest.approx(0.999)
+  cfg.ema_warmup = False
+  assert float(optim.ema_rate(cfg, np.int32(0))) == pytest.approx(0.999)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_is_bit_identical(reference_run, tmp_path):
+  cfg, _, full = reference_run
+  train.train_and_evaluate(_test_config(num_steps=2), str(tmp_path))  # stops at 2
+  resumed = train.train_and_evaluate(cfg, str(tmp_path))  # same command: resumes
+  assert int(resumed.step) == 6
+  common.assert_trees_equal(jax.device_get(resumed), full)
+
+
+_MULTI_DEVICE = r'''
+import json, jax, numpy as np, common
+from vdm_jax import input_pipeline, parallel, train, evaluate
+cfg = common.load_config('test')
+out = {}
+for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
+  mesh = parallel.make_mesh(devices)
+  _, info, model, tx, shape = train.setup(cfg, '/nonexistent', mesh)
+  state = train.create_train_state(cfg, model, tx, mesh, shape)
+  call = train.make_train_call(model, tx, cfg, mesh)
+  batch = next(input_pipeline.train_batches(cfg.data, global_batch_size=8, seed=0))
+  gb = {k: parallel.global_array(mesh, v[None], 1) for k, v in batch.items()}
+  state, metrics = call(state, gb)
+  out[name] = dict(loss=float(metrics['loss'][0]), bpd=float(metrics['bpd'][0]),
+                   kernel=np.asarray(state.params['score_model']['conv_in']['kernel']).ravel()[:50].tolist(),
+                   evals={})
+  for batch_size, num in ((24, None), (16, 7)):
+    cfg.eval.batch_size, cfg.eval.num_examples = batch_size, num
+    r = evaluate.evaluate(model, state.params, cfg, mesh)
+    out[name]['evals'][f'{batch_size}/{num}'] = [r['num_examples'], r['bpd']]
+cfg.eval.batch_size, cfg.eval.num_examples = 64, 100
+final = train.train_and_evaluate(cfg, WORKDIR)
+np.savez(WORKDIR + '/final_params.npz', *[np.asarray(x) for x in jax.tree.leaves(final.params)])
+print('RESULT' + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def eight_devices(tmp_path_factory):
+  """One subprocess with 8 CPU devices: a step on 1 and 8 devices, evals, a checkpoint."""
+  workdir = tmp_path_factory.mktemp('eight')
+  proc = common.run_python(f'WORKDIR = {str(workdir)!r}\n' + _MULTI_DEVICE, devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
+  return json.loads(line[len('RESULT'):]), workdir
+
+
+@pytest.mark.slow
+def test_one_step_same_on_1_and_8_devices(eight_devices):
+  out, _ = eight_devices
+  # The global batch, its antithetic times and every draw are the same; only the
+  # reduction order differs: float32 rounding.
+  assert out['8']['loss'] == pytest.approx(out['1']['loss'], rel=1e-5)
+  np.testing.assert_allclose(out['8']['kernel'], out['1']['kernel'], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_counts_every_image_once(eight_devices):
+  out, _ = eight_devices
+  num_test = input_pipeline.dataset_info(common.load_config('test').data).num_test
+  expected = {'24/None': num_test, '16/7': 7}
+  for devices in ('1', '8'):
+    for key, n in expected.items():
+      assert out[devices]['evals'][key][0] == n, (devices, key)
+  for key in expected:  # same batches, same draws: the same bound on 1 and 8 devices
+    assert out['8']['evals'][key][1] == pytest.approx(out['1']['evals'][key][1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_restores_on_1(eight_devices, reference_run):
+  _, workdir = eight_devices
+  cfg, _, full = reference_run
+  params = common.params_of(workdir, cfg)  # this process has 1 device
+  assert len(jax.devices()) == 1
+  saved = np.load(workdir / 'final_params.npz')
+  written = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+  common.assert_trees_equal(jax.tree.leaves(params), written)  # bit for bit
+  # …and the 8-device run trained like the 1-device one (see _assert_close_params).
+  _assert_close_params(params, full.params)
+
+
+def _assert_close_params(a, b):
+  """Parameters of runs that differ only in the reduction order of their gradients.
+
+  Adam divides by √v: where a gradient is float noise (~1e-9), the noise sets the
+  sign of a ~lr·0.1 update, so such coordinates may differ by ~1e-5 after a few steps;
+  everything else agrees to float32 rounding amplified over 6 steps.
+  """
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-5), a, b)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one(reference_run, tmp_path):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  cfg, _, full = reference_run
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
+       f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}'],
+      cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert 'Process 1 of 2' in logs[1] and '2 device(s)' in logs[0]
+  _assert_close_params(common.params_of(tmp_path, cfg), full.params)
+
+
+@pytest.mark.slow
+def test_cli_overrides_reach_the_model_and_typos_are_refused(tmp_path):
+  args = ['--config=configs/test.py', f'--workdir={tmp_path}', '--config.model.n_embd=16',
+          '--config.training.num_steps=2']
+  proc = common.run_cli(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['n_embd'] == 16 and saved['training']['num_steps'] == 2
+  cfg = common.load_config('test')
+  cfg.model.n_embd = 16
+  params = common.params_of(tmp_path, cfg)
+  assert params['score_model']['conv_in']['kernel'].shape[-1] == 16
+  proc = common.run_cli(*args, '--mode=eval', '--config.eval.num_examples=10')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'test bpd' in proc.stdout
+  result = json.loads((tmp_path / 'eval_results.json').read_text())
+  assert result['num_examples'] == 10 and math.isfinite(result['bpd'])
+  bad = common.run_cli('--config=configs/test.py', f'--workdir={tmp_path}',
+                       '--config.model.n_embdd=16')
+  assert bad.returncode != 0 and 'n_embdd' in bad.stderr
+
+
+@pytest.mark.slow
+def test_tfds_dataset_through_mock_data(tmp_path):
+  cfg = _test_config(num_steps=2, checkpoint_every=2)
+  cfg.data.dataset = 'mnist'
+  cfg.model.vocab_size = 256
+  cfg.eval.num_examples = 16
+  cfg.eval.batch_size = 8
+  input_pipeline.clear_cache()
+  try:
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+      state = train.train_and_evaluate(cfg, str(tmp_path))
+      results = train.evaluate_workdir(cfg, str(tmp_path))
+  finally:
+    input_pipeline.clear_cache()
+  assert int(state.step) == 2
+  assert state.params['score_model']['conv_in']['kernel'].shape[2] == 1 + 2 * 2  # 28x28x1
+  assert results['num_examples'] == 16 and math.isfinite(results['bpd'])
+
+
+@pytest.mark.slow
+def test_sample_mode_writes_a_png(reference_run):
+  cfg, workdir, _ = reference_run
+  path = train.sample_workdir(cfg, str(workdir))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = np.asarray(Image.open(path))
+  assert img.ndim == 2 and img.shape[0] >= 2 * 8  # a grid of 4 samples of 8x8
