@@ -19,6 +19,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdm_jax import checkpoints
+from vdm_jax import original
 from vdm_jax import parallel
 from vdm_jax import train
 from vdm_jax import validation
@@ -74,7 +76,6 @@ def main(argv):
       if jax.process_index() == 0:
         print(f'samples written to {path}')
     elif FLAGS.mode == 'import_original':
-      from vdm_jax import original  # pylint: disable=g-import-not-at-top
       if not FLAGS.original_checkpoint:
         raise app.UsageError('--mode=import_original needs --original_checkpoint=PATH.')
       path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
@@ -83,7 +84,8 @@ def main(argv):
     logging.warning('%s', e)
     print(str(e), file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (validation.ConfigError, FileNotFoundError) as e:
+  except (validation.ConfigError, FileNotFoundError, FileExistsError,
+          checkpoints.CheckpointMismatchError, original.OriginalCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
