@@ -12,6 +12,9 @@ from vdm_jax import config_base
 def get_config():
   config = config_base.get_config()
   config.data.augment = True
+  # The released model's training run (the original code's config): batch 768, lr 1e-4.
+  config.training.batch_size = 768
+  config.optimizer.learning_rate = 1e-4
   config.model.n_embd = 256
   config.model.schedule = 'learned_nnet'
   config.model.schedule_endpoints = 'free'

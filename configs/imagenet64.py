@@ -1,7 +1,8 @@
 r"""Downsampled ImageNet 64x64: the paper's 3.40 bpd model (SPEC §8).
 
 Needs the original downsampled ImageNet files placed for tfds' manual download
-(README, "Data"). n_embd 256 and 64 blocks.
+(README, "Data"). n_embd 256 and 64 blocks. For the training budget see
+experiments/recipes/imagenet64.md and the paper's appendix.
 
   python -m vdm_jax.main --config=configs/imagenet64.py --workdir=workdirs/imagenet64
 """
@@ -14,6 +15,4 @@ def get_config():
   config.data.dataset = 'downsampled_imagenet64'
   config.model.n_embd = 256
   config.model.n_layer = 64
-  config.model.p_drop = 0.0
-  config.training.batch_size = 512
   return config
