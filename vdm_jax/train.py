@@ -139,8 +139,12 @@ def make_train_call(model, tx, config, mesh):
   _, key = rng_streams(config.seed)
   step_fn = functools.partial(train_step, model, tx, config, key)
 
+  unroll = config.training.scan_unroll
+  if unroll == 0:  # auto: XLA:CPU runs convolutions inside a while loop ~5x slower
+    unroll = True if jax.default_backend() == 'cpu' else 1
+
   def call(state, batches):
-    return jax.lax.scan(step_fn, state, batches)
+    return jax.lax.scan(step_fn, state, batches, unroll=unroll)
 
   rep = parallel.replicated(mesh)
   return jax.jit(call, in_shardings=(rep, parallel.batch_sharding(mesh, leading_axes=1)),
@@ -227,12 +231,17 @@ def load_saved_config(workdir: str) -> Optional[dict]:
     return json.load(f)
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  path = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def setup(config, workdir: str, mesh=None, allow_config_change: bool = False):
   """Validation, model, optimiser and the data's shape: everything before compiling."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   info = validation.validate(config, mesh=mesh)
   saved = load_saved_config(workdir)
-  if saved is not None:
+  if saved is not None and _has_checkpoint(workdir):  # else nothing was trained
     validation.check_resumed_config(saved, config, allow=allow_config_change)
   model = make_model(config)
   tx = optim.make_optimizer(config.optimizer, config.training.num_steps)

@@ -19,8 +19,12 @@ DTYPES = ('float32', 'bfloat16')
 DECODES = ('argmax', 'draw')
 # Fields that change what the model computes or its parameters: a resumed workdir
 # must not silently continue with other values.
+# (How the model is computed or trained — remat, conv_impl, dtype, the weighting of
+# the training objective, the §4 gradient — may change between runs.)
+_NOT_MODEL_DEFINING = ('remat', 'conv_impl', 'dtype', 'weighting', 'sigmoid_bias',
+                       'schedule_variance_reduction', 'antithetic_time_sampling')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
-                       if k not in ('remat', 'conv_impl', 'dtype')) + (
+                       if k not in _NOT_MODEL_DEFINING) + (
                            'data.dataset', 'data.augment')
 
 
@@ -104,7 +108,8 @@ def check_fields(config) -> list[str]:
                       ('sample.timesteps', config.sample.timesteps)):
     if value < 1:
       errors.append(f'config.{name} = {value}: must be ≥ 1.')
-  for name, value in (('training.eval_every', t.eval_every),
+  for name, value in (('training.scan_unroll', t.scan_unroll),
+                      ('training.eval_every', t.eval_every),
                       ('training.sample_every', t.sample_every)):
     if value < 0:
       errors.append(f'config.{name} = {value}: must be ≥ 0 (0 = never).')

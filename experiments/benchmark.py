@@ -1,0 +1,273 @@
+r"""Throughput, FLOP/s and memory of the train step, the evaluation pass and the sampler.
+
+All figures come from one process, with the machine's own float32 matmul rate
+(jnp.dot of 2048×2048, median of several) measured in the same run as the practical
+peak. FLOPs are XLA's cost analysis of the compiled computations; memory is XLA's
+memory analysis of the compiled train step plus the process's peak RSS.
+
+  python experiments/benchmark.py --config=configs/mnist.py
+  python experiments/benchmark.py --config=configs/cifar10.py --batch_size=16 \
+      --remat_compare --skip_sampler
+  python experiments/benchmark.py --config=configs/mnist.py --config.model.conv_impl=xla
+
+Writes JSON (--out, default stdout after the table) and prints a readable table.
+"""
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from vdm_jax import conv
+from vdm_jax import input_pipeline
+from vdm_jax import optim
+from vdm_jax import parallel
+from vdm_jax import sampling
+from vdm_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+flags.DEFINE_integer('batch_size', None, 'Global train batch (default: the config\'s).')
+flags.DEFINE_integer('eval_batch_size', None, 'Eval batch (default: the train batch).')
+flags.DEFINE_integer('repeats', 3, 'Timed dispatches of each computation (median).')
+flags.DEFINE_integer('sample_num', 8, 'Samples drawn by the sampler benchmark.')
+flags.DEFINE_integer('sample_steps', 20, 'T of the sampler benchmark.')
+flags.DEFINE_bool('skip_sampler', False, 'Do not time the sampler.')
+flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation pass.')
+flags.DEFINE_bool('remat_compare', False,
+                  'Also compile the train step with the other remat setting and report '
+                  'both temporary-memory figures.')
+flags.DEFINE_string('out', None, 'Write the JSON here.')
+
+_SHAPES = {'cifar10': (32, 32, 3), 'mnist': (28, 28, 1), 'mnist_embedded': (28, 28, 1),
+           'digits': (8, 8, 1), 'downsampled_imagenet32': (32, 32, 3),
+           'downsampled_imagenet64': (64, 64, 3)}
+
+
+def image_shape(config):
+  """The data's [H, W, C], without needing the data where it is a known dataset."""
+  if config.data.dataset in _SHAPES:
+    return _SHAPES[config.data.dataset]
+  info = input_pipeline.dataset_info(config.data)
+  return (info.height, info.width, info.channels)
+
+
+def timed(fn, repeats: int) -> float:
+  """Median seconds of `fn()` (which must block), after one untimed warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+  """float32 FLOP/s of jnp.dot of two n×n matrices: this machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  seconds = timed(lambda: dot(a, b).block_until_ready(), repeats)
+  return 2.0 * n ** 3 / seconds
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def memory_of(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {k: int(getattr(m, k)) for k in (
+      'temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
+      'alias_size_in_bytes', 'generated_code_size_in_bytes') if hasattr(m, k)}
+
+
+def _synthetic_batch(shape, batch, vocab, steps):
+  rng = np.random.default_rng(0)
+  return {'images': rng.integers(0, vocab, (steps, batch) + tuple(shape), dtype=np.uint8),
+          'conditioning': np.zeros((steps, batch), np.float32)}
+
+
+def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
+  """images/s of the train call (steps_per_call steps per dispatch), FLOPs per step."""
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
+  steps = config.training.steps_per_call
+  call = train.make_train_call(model, tx, config, mesh)
+  state = train.create_train_state(config, model, tx, mesh, shape)
+
+  def batches(n):
+    local = _synthetic_batch(shape, batch, config.model.vocab_size, n)
+    return {k: parallel.global_array(mesh, v, leading_axes=1) for k, v in local.items()}
+
+  one = batches(1)
+  compiled_one = call.lower(state, one).compile()  # a scan counts its body once: 1 step
+  flops = flops_of(compiled_one)
+  memory = memory_of(compiled_one)
+  many = batches(steps)
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = call(holder['state'], many)
+    jax.block_until_ready(metrics)
+
+  seconds = timed(run, repeats)
+  return dict(batch=batch, steps_per_call=steps, seconds_per_step=seconds / steps,
+              images_per_s=batch * steps / seconds, flops_per_step=flops,
+              flops_per_s=flops * steps / seconds, memory=memory)
+
+
+def train_memory(config, mesh, shape, batch: int) -> dict:
+  """XLA's memory analysis of one compiled train step (nothing is run)."""
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
+  call = train.make_train_call(model, tx, config, mesh)
+  state = train.create_train_state(config, model, tx, mesh, shape, abstract=True)
+  spec = jax.ShapeDtypeStruct((1, batch) + tuple(shape), jnp.uint8,
+                              sharding=parallel.batch_sharding(mesh, 1))
+  cond = jax.ShapeDtypeStruct((1, batch), jnp.float32,
+                              sharding=parallel.batch_sharding(mesh, 1))
+  compiled = call.lower(state, {'images': spec, 'conditioning': cond}).compile()
+  return memory_of(compiled)
+
+
+def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
+  """images/s of the evaluation step (one draw per image), FLOPs per batch."""
+  from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, 1)
+  params = train.create_train_state(config, model, tx, mesh, shape).params
+  step = evaluate.make_eval_step(model, mesh, 1, None)
+  local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
+  data = {'images': parallel.global_array(mesh, local['images'][0]),
+          'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
+          'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
+  key = jax.random.key(0)
+  flops = flops_of(step.lower(params, data, key).compile())
+  seconds = timed(lambda: jax.block_until_ready(step(params, data, key)), repeats)
+  return dict(batch=batch, images_per_s=batch / seconds, flops_per_batch=flops,
+              flops_per_s=flops / seconds)
+
+
+def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
+  """Seconds for `num` samples with T steps; FLOPs = T × one network evaluation."""
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, 1)
+  params = train.create_train_state(config, model, tx, mesh, shape).params
+  sampler = sampling.make_sampler(model, (num,) + tuple(shape), timesteps, mesh=mesh)
+  key = jax.random.key(0)
+  step_fn = jax.jit(lambda p, z: model.apply(
+      {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
+      method=type(model).sample_step))
+  z = jnp.zeros((num,) + tuple(shape), jnp.float32)
+  flops = flops_of(step_fn.lower(params, z).compile()) * timesteps
+  seconds = timed(lambda: jax.block_until_ready(sampler(params, key)), 1)
+  return dict(num_samples=num, timesteps=timesteps, seconds=seconds,
+              flops=flops, flops_per_s=flops / seconds)
+
+
+def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
+                  sample_steps=20, skip_sampler=False, skip_eval=False,
+                  remat_compare=False) -> dict:
+  mesh = parallel.make_mesh()
+  shape = image_shape(config)
+  batch = batch or config.training.batch_size
+  eval_batch = eval_batch or batch
+  peak = matmul_rate()
+  result = dict(
+      machine=dict(platform=platform.platform(), processor=platform.processor(),
+                   backend=jax.default_backend(),
+                   devices=[str(d.device_kind) for d in jax.devices()],
+                   device_count=jax.device_count(), python=sys.version.split()[0],
+                   jax=jax.__version__),
+      config=dict(dataset=config.data.dataset, image_shape=list(shape),
+                  n_embd=config.model.n_embd, n_layer=config.model.n_layer,
+                  dtype=config.model.dtype, remat=config.model.remat,
+                  conv_impl=conv.resolve_impl(config.model.conv_impl)),
+      matmul_flops_per_s=peak)
+  result['train'] = bench_train(config, mesh, shape, batch, repeats)
+  result['train']['fraction_of_matmul'] = result['train']['flops_per_s'] / peak
+  if not skip_eval:
+    result['eval'] = bench_eval(config, mesh, shape, eval_batch, repeats)
+    result['eval']['fraction_of_matmul'] = result['eval']['flops_per_s'] / peak
+  if not skip_sampler:
+    result['sampler'] = bench_sampler(config, mesh, shape, sample_num, sample_steps)
+    result['sampler']['fraction_of_matmul'] = result['sampler']['flops_per_s'] / peak
+  if remat_compare:
+    other = config.copy_and_resolve_references()
+    other.model.remat = not config.model.remat
+    result['remat_compare'] = {
+        f'remat={config.model.remat}': result['train']['memory'].get('temp_size_in_bytes'),
+        f'remat={other.model.remat}': train_memory(other, mesh, shape, batch).get(
+            'temp_size_in_bytes')}
+  result['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return result
+
+
+def table(result: dict) -> str:
+  g = 1e9
+  rows = [('matmul 2048² f32', f"{result['matmul_flops_per_s'] / g:.1f} GFLOP/s", '', '')]
+  t = result['train']
+  rows.append(('train step', f"{t['images_per_s']:.1f} img/s "
+               f"({t['seconds_per_step'] * 1e3:.0f} ms/step, batch {t['batch']}, "
+               f"{t['steps_per_call']}/call)", f"{t['flops_per_s'] / g:.1f} GFLOP/s",
+               f"{100 * t['fraction_of_matmul']:.0f}%"))
+  if 'eval' in result:
+    e = result['eval']
+    rows.append(('eval pass', f"{e['images_per_s']:.1f} img/s (batch {e['batch']})",
+                 f"{e['flops_per_s'] / g:.1f} GFLOP/s", f"{100 * e['fraction_of_matmul']:.0f}%"))
+  if 'sampler' in result:
+    s = result['sampler']
+    rows.append(('sampler', f"{s['seconds']:.2f} s for {s['num_samples']} samples × "
+                 f"T={s['timesteps']}", f"{s['flops_per_s'] / g:.1f} GFLOP/s",
+                 f"{100 * s['fraction_of_matmul']:.0f}%"))
+  mem = t['memory']
+  if mem:
+    rows.append(('train step memory', f"temp {mem.get('temp_size_in_bytes', 0) / 2**20:.1f} MiB,"
+                 f" args {mem.get('argument_size_in_bytes', 0) / 2**20:.1f} MiB", '', ''))
+  if 'remat_compare' in result:
+    rows.append(('remat temp memory', ', '.join(
+        f'{k}: {v / 2**20:.1f} MiB' for k, v in result['remat_compare'].items()), '', ''))
+  rows.append(('peak RSS', f"{result['peak_rss_bytes'] / 2**30:.2f} GiB", '', ''))
+  width = [max(len(r[i]) for r in rows) for i in range(4)]
+  lines = [' | '.join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+  header = (f"{result['config']['dataset']} n_embd={result['config']['n_embd']} "
+            f"n_layer={result['config']['n_layer']} dtype={result['config']['dtype']} "
+            f"conv={result['config']['conv_impl']} on {result['machine']['backend']} "
+            f"({result['machine']['device_count']} device(s))")
+  return header + '\n' + '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  result = run_benchmark(
+      FLAGS.config, FLAGS.batch_size, FLAGS.eval_batch_size, FLAGS.repeats,
+      FLAGS.sample_num, FLAGS.sample_steps, FLAGS.skip_sampler, FLAGS.skip_eval,
+      FLAGS.remat_compare)
+  print(table(result))
+  text = json.dumps(result, indent=2)
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      f.write(text)
+  else:
+    print(text)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
