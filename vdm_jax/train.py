@@ -170,15 +170,17 @@ def _is_multiple(step: int, every: int) -> bool:
   return bool(every) and every > 0 and step % every == 0
 
 
-def nonfinite_message(step: int, metrics: dict) -> str:
+def nonfinite_message(step: int, metrics: dict, skipped: bool = False) -> str:
   bad = [name for name, key in (('reconstruction', 'finite_recon'),
                                 ('prior', 'finite_prior'), ('diffusion', 'finite_diff'),
                                 ('gradient', 'finite_grad')) if not metrics[key]]
-  return (f'Non-finite values at step {step}: {", ".join(bad) or "loss"} '
-          f'(loss={metrics["loss"]}, grad_norm={metrics["grad_norm"]}). The state was '
-          'not updated by this step and nothing was saved after it; the last good '
-          'checkpoint is intact. Set --config.training.skip_nonfinite=True to skip such '
-          'steps instead.')
+  what = (f'Non-finite values at step {step}: {", ".join(bad) or "loss"} '
+          f'(loss={metrics["loss"]}, grad_norm={metrics["grad_norm"]}).')
+  if skipped:
+    return what + ' The step was skipped (training.skip_nonfinite=True).'
+  return what + (' The state was not updated by this step and nothing was saved after '
+                 'it; the last good checkpoint is intact. Set '
+                 '--config.training.skip_nonfinite=True to skip such steps instead.')
 
 
 class _SignalFlag:
@@ -313,7 +315,7 @@ def _train_loop(config, workdir, model, mesh, image_shape, state, step, train_ca
         if not tc.skip_nonfinite:
           raise NonFiniteError(nonfinite_message(step + j, one))
         skipped += 1
-        logging.warning('Skipped step %d: %s', step + j, nonfinite_message(step + j, one))
+        logging.warning('%s', nonfinite_message(step + j, one, skipped=True))
     pending.append(metrics)
     step += n
     report(step)
@@ -354,10 +356,9 @@ def _write_train_metrics(writer, step: int, pending: list[dict], skipped: int) -
   ok = merged['finite'].astype(bool)
   scalars = {}
   for k, v in merged.items():
-    if k.startswith('finite'):
+    if k.startswith('finite') or not ok.any():  # a window of skipped steps only
       continue
-    vals = v[ok] if ok.any() else v
-    scalars[f'train/{k}'] = float(np.mean(vals))
+    scalars[f'train/{k}'] = float(np.mean(v[ok]))
   scalars['train/skipped_steps'] = skipped
   writer.write_scalars(step, scalars)
 
