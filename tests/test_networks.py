@@ -3,6 +3,7 @@
 import math
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +150,119 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   assert out.dtype == jnp.float32
   # bfloat16 keeps 8 bits of mantissa: ~1e-2 relative through a few layers.
   np.testing.assert_allclose(out, ref, atol=0.1 * float(jnp.abs(ref).max()))
+
+
+def test_remat_draws_the_same_dropout_masks():
+  """Training mode, same rng: remat's recomputation reuses the forward pass's masks.
+
+  Values and gradients (parameters, z and the conditioning, hence `cond`) equal the
+  plain network's; with other masks in the backward pass they would not.
+  """
+  kw = dict(p_drop=0.5, n_layer=2, with_attention=True)
+  net, params, z, g = _net_and_params(**kw)
+  remat = networks.make_score_model(
+      common.tiny_model_config(remat=True, **kw), name=None)
+  c = jnp.array([0.0, 1.0])
+  inits = [m.init(jax.random.key(0), z, g, c) for m in (net, remat)]
+  assert jax.tree.structure(inits[0]) == jax.tree.structure(inits[1])
+  jax.tree.map(np.testing.assert_array_equal, *inits)
+
+  def loss(m):
+    return jax.jit(jax.value_and_grad(lambda p, z, c, key: jnp.sum(m.apply(
+        {'params': p}, z, g, c, False, rngs={'dropout': key}) ** 2), argnums=(0, 1, 2)))
+
+  key = jax.random.key(3)
+  a, ga = loss(net)(params, z, c, key)
+  remat_loss = loss(remat)
+  b, gb = remat_loss(params, z, c, key)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Leaves like attention's k bias have a zero gradient up to rounding: atol is
+  # relative to the largest gradient.
+  scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(ga))
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(
+      u, v, rtol=1e-5, atol=1e-6 * scale), ga, gb)
+  assert not np.isclose(a, remat_loss(params, z, c, jax.random.key(4))[0])  # dropout on
+
+
+def test_remat_cuts_the_compiled_gradient_temp_memory():
+  """XLA's memory analysis of the compiled gradient (compiled only, never run).
+
+  With A = one [B, H, W, C] activation and L = n_layer = 6 (2L + 3 = 15 residual
+  blocks): the plain backward pass keeps every block's inner activations, ≥ 5 A
+  each (GroupNorm outputs, conv1 + cond, the dropout output; the up blocks' 2C-
+  channel input side more), ≈ 15·5 A + 7 skips + 7 × 3 A ≈ 100 A. With remat it
+  keeps the block inputs (7 skips, 7 up-path inputs, 3 mid: 17 A), the skips'
+  cotangents from the up path (≤ 7 A) and one block's recomputation (≈ 15 A):
+  ≈ 40 A, a ratio ≥ 2.5; the issue asks for 3 (measured at 8×8, n_embd 32,
+  batch 8: 209 A vs 36 A, 5.8×). The mid attention's B·(HW)² map is only 2 A here.
+  """
+  z = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32)
+  g, c = jnp.zeros((8,)), jnp.zeros((8,))
+  temp = {}
+  for remat in (False, True):
+    net = networks.make_score_model(common.tiny_model_config(
+        n_embd=32, n_layer=6, groupnorm_groups=8, remat=remat), name=None)
+    params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros(z.shape), g, c))
+    loss = lambda p, z: jnp.sum(net.apply(p, z, g, c, False, rngs={
+        'dropout': jax.random.key(0)}) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, z).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp[True] < temp[False] / 3, temp
+
+
+def test_dropout_draws_flax_dropout_masks():
+  """networks.Dropout (key tied to its input) equals nn.Dropout under the same rngs."""
+  x = jax.random.normal(jax.random.key(1), (4, 5, 5, 8))
+
+  class Flax(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dropout(0.3)(x, deterministic=False)
+
+  class Ours(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return networks.Dropout(0.3, name='Dropout_0')(x, False)
+
+  rngs = {'dropout': jax.random.key(5)}
+  ours = Ours().apply({}, x, rngs=rngs)
+  np.testing.assert_array_equal(ours, Flax().apply({}, x, rngs=rngs))
+  # 800 draws, keep probability 0.7: the dropped share is 0.3 ± 0.016 (1σ).
+  assert abs(float(jnp.mean(ours == 0)) - 0.3) < 0.1
+  np.testing.assert_array_equal(networks.Dropout(0.3).apply({}, x, True), x)
+
+
+def _attention_by_the_formula(params, x, groups):
+  """x + proj_out(softmax(q kᵀ / √C) v) with the softmax written out (§6)."""
+  b, height, width, c = x.shape
+  h = nn.GroupNorm(groups).apply({'params': params['GroupNorm_0']}, x)
+  dense = lambda name: (h @ params[name]['kernel'] + params[name]['bias']).reshape(
+      b, height * width, c)
+  q, k, v = dense('q'), dense('k'), dense('v')
+  logits = q @ jnp.swapaxes(k, 1, 2) / math.sqrt(c)
+  out = (jax.nn.softmax(logits, axis=-1) @ v).reshape(x.shape)
+  return x + out @ params['proj_out']['kernel'] + params['proj_out']['bias'], logits
+
+
+@pytest.mark.parametrize('logit_scale', [1.0, 30.0])
+def test_attention_matches_the_softmax_formula(logit_scale):
+  """Value and input gradient equal the textbook softmax, also with logits ~10³.
+
+  The block normalises after multiplying by v and subtracts the row maximum; both
+  are exact rewrites, so float32 rounding (~1e-6 relative) is the only difference.
+  """
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  block = networks.AttnBlock(groups=4)
+  params = common.perturb(block.init(jax.random.key(1), x)['params'],
+                          jax.random.key(3), scale=0.5)
+  params['q']['kernel'] = params['q']['kernel'] * logit_scale
+  params['k']['kernel'] = params['k']['kernel'] * logit_scale
+  ours = lambda x: block.apply({'params': params}, x)
+  ref = lambda x: _attention_by_the_formula(params, x, 4)[0]
+  logits = _attention_by_the_formula(params, x, 4)[1]
+  # At scale 30 a plain exp(logits) overflows float32 (logit > 88.7).
+  assert (float(logits.max()) > 88.7) == (logit_scale > 1)
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
+  np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-4, atol=1e-4)

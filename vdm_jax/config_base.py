@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.p_drop = 0.1  # Dropout rate inside ResNet blocks (training only).
   model.groupnorm_groups = 32  # GroupNorm groups; n_embd must divide by it.
   model.dtype = 'float32'  # Compute dtype of the network: float32 | bfloat16 (params stay float32).
-  model.remat = False  # Rematerialise each ResNet/attention block in the backward pass.
+  model.remat = False  # Keep only each ResNet/attention block's inputs; recompute it in the backward pass (vdm_jax/remat.py).
   model.conv_impl = 'auto'  # 3x3 convolution: xla | patches (im2col matmul, custom VJP) | auto (= xla, fastest measured).
 
   # -------------------------------------------------------------- optimiser (§8)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax import conv
+from vdm_jax import remat
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -34,6 +35,28 @@ def fourier_features(z: jax.Array, n_min: int, n_max: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
+class Dropout(nn.Module):
+  """flax's nn.Dropout (same masks, same rng path), drawing its mask only once x exists.
+
+  The key is tied to x (`remat.depends_on`), so XLA cannot generate every block's
+  random bits at the start of the step and keep them alive until they are used (it
+  does so with nn.Dropout: 2 arrays of x's size per block, which dominated the
+  memory of the rematerialised cifar10 step).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if self.rate == 0.0 or deterministic:
+      return x
+    keep_prob = 1.0 - self.rate
+    if keep_prob == 0.0:
+      return jnp.zeros_like(x)
+    key = remat.depends_on(self.make_rng('dropout'), x)
+    keep = jax.random.bernoulli(key, p=keep_prob, shape=x.shape)
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 class ResnetBlock(nn.Module):
   """GroupNorm → swish → conv1 → + cond_proj(cond) → GroupNorm → swish → dropout → conv2, + skip (§6)."""
   out_ch: Optional[int] = None
@@ -51,7 +74,7 @@ class ResnetBlock(nn.Module):
     h = h + nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name='cond_proj')(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_1')(h))
-    h = nn.Dropout(rate=self.p_drop)(h, deterministic=deterministic)
+    h = Dropout(self.p_drop, name='Dropout_0')(h, deterministic)
     h = conv.Conv3x3(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      impl=self.conv_impl, name='conv2')(h)
     if c_in != out_ch:
@@ -117,8 +140,13 @@ class ScoreUNet(nn.Module):
           [z, fourier_features(z, self.fourier_n_min, self.fourier_n_max)], axis=-1)
     h = h.astype(self.dtype)
 
-    block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
-    attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+    # remat: each block keeps only its inputs; the backward pass recomputes it.
+    call = remat.remat_call if self.remat else lambda fn, m, *a: fn(m, *a)
+    res = lambda m, x, c: m(x, c, deterministic)
+    # The skip concatenation inside the call: remat keeps h, not a 2C-channel copy.
+    res_up = lambda m, x, skip, c: m(
+        jnp.concatenate([x, skip], axis=-1), c, deterministic)
+    attn = lambda m, x: m(x)
     block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype,
                     conv_impl=self.conv_impl)
 
@@ -126,22 +154,22 @@ class ScoreUNet(nn.Module):
                      name='conv_in')(h)
     hs = [h]
     for i in range(self.n_layer):
-      h = block_cls(self.n_embd, name=f'down.block_{i}', **block_kw)(
-          hs[-1], cond, deterministic)
+      h = call(res, ResnetBlock(self.n_embd, name=f'down.block_{i}', **block_kw),
+               hs[-1], cond)
       if self.with_attention:
-        h = attn_cls(self.groups, self.dtype, name=f'down.attn_{i}')(h)
+        h = call(attn, AttnBlock(self.groups, self.dtype, name=f'down.attn_{i}'), h)
       hs.append(h)
 
     h = hs[-1]
-    h = block_cls(name='mid.block_1', **block_kw)(h, cond, deterministic)
-    h = attn_cls(self.groups, self.dtype, name='mid.attn_1')(h)
-    h = block_cls(name='mid.block_2', **block_kw)(h, cond, deterministic)
+    h = call(res, ResnetBlock(name='mid.block_1', **block_kw), h, cond)
+    h = call(attn, AttnBlock(self.groups, self.dtype, name='mid.attn_1'), h)
+    h = call(res, ResnetBlock(name='mid.block_2', **block_kw), h, cond)
 
     for i in range(self.n_layer + 1):
-      h = block_cls(self.n_embd, name=f'up.block_{i}', **block_kw)(
-          jnp.concatenate([h, hs.pop()], axis=-1), cond, deterministic)
+      h = call(res_up, ResnetBlock(self.n_embd, name=f'up.block_{i}', **block_kw),
+               h, hs.pop(), cond)
       if self.with_attention:
-        h = attn_cls(self.groups, self.dtype, name=f'up.attn_{i}')(h)
+        h = call(attn, AttnBlock(self.groups, self.dtype, name=f'up.attn_{i}'), h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
