@@ -7,7 +7,9 @@ memory analysis of the compiled train step plus the process's peak RSS.
 
   python experiments/benchmark.py --config=configs/mnist.py
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=16 \
-      --remat_compare --skip_sampler
+      --remat_compare --memory_only
+  python experiments/benchmark.py --config=configs/cifar10.py --batch_size=4 \
+      --eval_batch_size=4 --repeats=1 --sample_num=4 --sample_steps=2
   python experiments/benchmark.py --config=configs/mnist.py --config.model.conv_impl=xla
 
 Writes JSON (--out, default stdout after the table) and prints a readable table.
@@ -29,6 +31,7 @@ import numpy as np
 
 from vdm_jax import conv
 from vdm_jax import input_pipeline
+from vdm_jax import networks
 from vdm_jax import optim
 from vdm_jax import parallel
 from vdm_jax import sampling
@@ -46,6 +49,9 @@ flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation pass.')
 flags.DEFINE_bool('remat_compare', False,
                   'Also compile the train step with the other remat setting and report '
                   'both temporary-memory figures.')
+flags.DEFINE_bool('memory_only', False,
+                  'Only compile the train step and report its memory (no timing, no '
+                  'matmul rate): quick for models that are slow on this machine.')
 flags.DEFINE_string('out', None, 'Write the JSON here.')
 
 _SHAPES = {'cifar10': (32, 32, 3), 'mnist': (28, 28, 1), 'mnist_embedded': (28, 28, 1),
@@ -88,6 +94,18 @@ def flops_of(compiled) -> float:
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
+def counting_config(config):
+  """config with the attention unchunked, for counting FLOPs.
+
+  XLA's cost analysis counts a loop's body once, so the chunked attention (a
+  lax.map over images) would be undercounted; the batched form computes the same
+  function with the same arithmetic.
+  """
+  counting = config.copy_and_resolve_references()
+  counting.model.attention_impl = 'batched'
+  return counting
+
+
 def memory_of(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
@@ -110,16 +128,11 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
   steps = config.training.steps_per_call
   call = train.make_train_call(model, tx, config, mesh)
   state = train.create_train_state(config, model, tx, mesh, shape)
-
-  def batches(n):
-    local = _synthetic_batch(shape, batch, config.model.vocab_size, n)
-    return {k: parallel.global_array(mesh, v, leading_axes=1) for k, v in local.items()}
-
-  one = batches(1)
-  compiled_one = call.lower(state, one).compile()  # a scan counts its body once: 1 step
-  flops = flops_of(compiled_one)
-  memory = memory_of(compiled_one)
-  many = batches(steps)
+  # A scan counts its body once: the FLOPs of a call of 1 step are those of a step.
+  flops = flops_of(compile_train_step(counting_config(config), mesh, shape, batch))
+  memory = memory_of(compile_train_step(config, mesh, shape, batch))
+  local = _synthetic_batch(shape, batch, config.model.vocab_size, steps)
+  many = {k: parallel.global_array(mesh, v, leading_axes=1) for k, v in local.items()}
   holder = {'state': state}
 
   def run():
@@ -132,8 +145,8 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
               flops_per_s=flops * steps / seconds, memory=memory)
 
 
-def train_memory(config, mesh, shape, batch: int) -> dict:
-  """XLA's memory analysis of one compiled train step (nothing is run)."""
+def compile_train_step(config, mesh, shape, batch: int):
+  """The train call compiled for one step (nothing is run)."""
   model = train.make_model(config)
   tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
   call = train.make_train_call(model, tx, config, mesh)
@@ -142,8 +155,12 @@ def train_memory(config, mesh, shape, batch: int) -> dict:
                               sharding=parallel.batch_sharding(mesh, 1))
   cond = jax.ShapeDtypeStruct((1, batch), jnp.float32,
                               sharding=parallel.batch_sharding(mesh, 1))
-  compiled = call.lower(state, {'images': spec, 'conditioning': cond}).compile()
-  return memory_of(compiled)
+  return call.lower(state, {'images': spec, 'conditioning': cond}).compile()
+
+
+def train_memory(config, mesh, shape, batch: int) -> dict:
+  """XLA's memory analysis of one compiled train step (nothing is run)."""
+  return memory_of(compile_train_step(config, mesh, shape, batch))
 
 
 def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
@@ -153,12 +170,14 @@ def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   tx = optim.make_optimizer(config.optimizer, 1)
   params = train.create_train_state(config, model, tx, mesh, shape).params
   step = evaluate.make_eval_step(model, mesh, 1, None)
+  counting_step = evaluate.make_eval_step(train.make_model(counting_config(config)),
+                                          mesh, 1, None)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
   data = {'images': parallel.global_array(mesh, local['images'][0]),
           'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
           'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
   key = jax.random.key(0)
-  flops = flops_of(step.lower(params, data, key).compile())
+  flops = flops_of(counting_step.lower(params, data, key).compile())
   seconds = timed(lambda: jax.block_until_ready(step(params, data, key)), repeats)
   return dict(batch=batch, images_per_s=batch / seconds, flops_per_batch=flops,
               flops_per_s=flops / seconds)
@@ -171,7 +190,8 @@ def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
   params = train.create_train_state(config, model, tx, mesh, shape).params
   sampler = sampling.make_sampler(model, (num,) + tuple(shape), timesteps, mesh=mesh)
   key = jax.random.key(0)
-  step_fn = jax.jit(lambda p, z: model.apply(
+  counting_model = train.make_model(counting_config(config))
+  step_fn = jax.jit(lambda p, z: counting_model.apply(
       {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
       method=type(model).sample_step))
   z = jnp.zeros((num,) + tuple(shape), jnp.float32)
@@ -183,12 +203,12 @@ def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
 
 def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
                   sample_steps=20, skip_sampler=False, skip_eval=False,
-                  remat_compare=False) -> dict:
+                  remat_compare=False, memory_only=False) -> dict:
   mesh = parallel.make_mesh()
   shape = image_shape(config)
   batch = batch or config.training.batch_size
   eval_batch = eval_batch or batch
-  peak = matmul_rate()
+  peak = None if memory_only else matmul_rate()
   result = dict(
       machine=dict(platform=platform.platform(), processor=platform.processor(),
                    backend=jax.default_backend(),
@@ -198,10 +218,16 @@ def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
       config=dict(dataset=config.data.dataset, image_shape=list(shape),
                   n_embd=config.model.n_embd, n_layer=config.model.n_layer,
                   dtype=config.model.dtype, remat=config.model.remat,
-                  conv_impl=conv.resolve_impl(config.model.conv_impl)),
+                  conv_impl=conv.resolve_impl(config.model.conv_impl),
+                  attention_impl=networks.resolve_attention_impl(
+                      config.model.attention_impl)),
       matmul_flops_per_s=peak)
-  result['train'] = bench_train(config, mesh, shape, batch, repeats)
-  result['train']['fraction_of_matmul'] = result['train']['flops_per_s'] / peak
+  if memory_only:
+    result['train'] = dict(batch=batch, memory=train_memory(config, mesh, shape, batch))
+    skip_eval = skip_sampler = True
+  else:
+    result['train'] = bench_train(config, mesh, shape, batch, repeats)
+    result['train']['fraction_of_matmul'] = result['train']['flops_per_s'] / peak
   if not skip_eval:
     result['eval'] = bench_eval(config, mesh, shape, eval_batch, repeats)
     result['eval']['fraction_of_matmul'] = result['eval']['flops_per_s'] / peak
@@ -221,12 +247,16 @@ def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
 
 def table(result: dict) -> str:
   g = 1e9
-  rows = [('matmul 2048² f32', f"{result['matmul_flops_per_s'] / g:.1f} GFLOP/s", '', '')]
+  rows = []
   t = result['train']
-  rows.append(('train step', f"{t['images_per_s']:.1f} img/s "
-               f"({t['seconds_per_step'] * 1e3:.0f} ms/step, batch {t['batch']}, "
-               f"{t['steps_per_call']}/call)", f"{t['flops_per_s'] / g:.1f} GFLOP/s",
-               f"{100 * t['fraction_of_matmul']:.0f}%"))
+  if result['matmul_flops_per_s'] is not None:
+    rows.append(('matmul 2048² f32', f"{result['matmul_flops_per_s'] / g:.1f} GFLOP/s",
+                 '', ''))
+  if 'images_per_s' in t:
+    rows.append(('train step', f"{t['images_per_s']:.1f} img/s "
+                 f"({t['seconds_per_step'] * 1e3:.0f} ms/step, batch {t['batch']}, "
+                 f"{t['steps_per_call']}/call)", f"{t['flops_per_s'] / g:.1f} GFLOP/s",
+                 f"{100 * t['fraction_of_matmul']:.0f}%"))
   if 'eval' in result:
     e = result['eval']
     rows.append(('eval pass', f"{e['images_per_s']:.1f} img/s (batch {e['batch']})",
@@ -238,7 +268,7 @@ def table(result: dict) -> str:
                  f"{100 * s['fraction_of_matmul']:.0f}%"))
   mem = t['memory']
   if mem:
-    rows.append(('train step memory', f"temp {mem.get('temp_size_in_bytes', 0) / 2**20:.1f} MiB,"
+    rows.append((f"train step memory (batch {t['batch']})", f"temp {mem.get('temp_size_in_bytes', 0) / 2**20:.1f} MiB,"
                  f" args {mem.get('argument_size_in_bytes', 0) / 2**20:.1f} MiB", '', ''))
   if 'remat_compare' in result:
     rows.append(('remat temp memory', ', '.join(
@@ -248,7 +278,8 @@ def table(result: dict) -> str:
   lines = [' | '.join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
   header = (f"{result['config']['dataset']} n_embd={result['config']['n_embd']} "
             f"n_layer={result['config']['n_layer']} dtype={result['config']['dtype']} "
-            f"conv={result['config']['conv_impl']} on {result['machine']['backend']} "
+            f"conv={result['config']['conv_impl']} "
+            f"attention={result['config']['attention_impl']} on {result['machine']['backend']} "
             f"({result['machine']['device_count']} device(s))")
   return header + '\n' + '\n'.join(lines)
 
@@ -258,7 +289,7 @@ def main(argv):
   result = run_benchmark(
       FLAGS.config, FLAGS.batch_size, FLAGS.eval_batch_size, FLAGS.repeats,
       FLAGS.sample_num, FLAGS.sample_steps, FLAGS.skip_sampler, FLAGS.skip_eval,
-      FLAGS.remat_compare)
+      FLAGS.remat_compare, FLAGS.memory_only)
   print(table(result))
   text = json.dumps(result, indent=2)
   if FLAGS.out:

@@ -64,6 +64,16 @@ def bend_nnet_schedule(schedule_params, key, strength=20.0):
 REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
 
 
+def load_experiment(filename: str):
+  """The module experiments/FILENAME (a script, not a package), imported by path."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'experiments_' + filename.removesuffix('.py'), REPO / 'experiments' / filename)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config(name: str):
   """get_config() of configs/NAME.py."""
   import importlib.util  # pylint: disable=g-import-not-at-top

@@ -1,28 +1,16 @@
 """experiments/codec_compare.py: codec bpd, lossless round trips, the table."""
 
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
+import common
 from vdm_jax import config_base
 from vdm_jax import input_pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_compression():
-  spec = importlib.util.spec_from_file_location(
-      'experiments_compression', os.path.join(REPO, 'experiments', 'codec_compare.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-compression = _load_compression()
+compression = common.load_experiment('codec_compare.py')
 
 
 def _digits_config(num_examples=8):

@@ -266,3 +266,31 @@ def test_attention_matches_the_softmax_formula(logit_scale):
   cot = jax.random.normal(jax.random.key(2), x.shape)
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
   np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_attention_equals_batched_in_value_and_gradient():
+  """A loop over chunks of 2 interleaved images computes the same function (up to
+  float32 summation order) as the batched einsum."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (6, 16, 8)) for i in range(3))
+  cot = jax.random.normal(jax.random.key(3), (6, 16, 8))
+  def value_and_grads(chunk):
+    f = lambda q, k, v: jnp.sum(networks.dot_product_attention(q, k, v, chunk) * cot)
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+  ref, ref_grads = value_and_grads(0)
+  out, grads = value_and_grads(2)
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='does not divide the batch 6'):
+    networks.dot_product_attention(q, k, v, 4)
+
+
+def test_images_per_chunk():
+  # 28×28: N² = 614,656, so 2 images pass 2^20; 32×32: N² = 2^20 exactly.
+  assert networks.images_per_chunk(32, 784) == 2
+  assert networks.images_per_chunk(25, 784) == 5   # the smallest divisor ≥ 2
+  assert networks.images_per_chunk(8, 1024) == 1
+  assert networks.images_per_chunk(4, 16) == 4     # small images: one chunk
+  assert networks.resolve_attention_impl('auto') == 'chunked'  # tests run on CPU
+  with pytest.raises(ValueError, match='attention impl must be one of'):
+    networks.resolve_attention_impl('flash')

@@ -551,10 +551,11 @@ def test_bad_config_is_refused_before_touching_the_workdir(workdir_copy, case):
 def test_all_config_problems_are_reported_at_once(workdir_copy):
   workdir, before, cfg_dict = workdir_copy
   cfg = _fresh(cfg_dict, **{'model.schedule': 'cosine', 'model.timesteps': -1,
-                            'optimizer.decay': 'linear'})
+                            'optimizer.decay': 'linear', 'model.attention_impl': 'flash'})
   with pytest.raises(validation.ConfigError) as e:
     train.train_and_evaluate(cfg, str(workdir))
-  for field in ('config.model.schedule', 'config.model.timesteps', 'config.optimizer.decay'):
+  for field in ('config.model.schedule', 'config.model.timesteps', 'config.optimizer.decay',
+                'config.model.attention_impl'):
     assert field in str(e.value)
   assert _fingerprint(workdir) == before
 

@@ -1,7 +1,6 @@
 """experiments/sweep.py: grid expansion, workdir names, tables, one real sweep."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -11,18 +10,12 @@ import sys
 
 import pytest
 
+import common
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_sweep():
-  spec = importlib.util.spec_from_file_location(
-      'experiments_sweep', os.path.join(REPO, 'experiments', 'sweep.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-sweep = _load_sweep()
+sweep = common.load_experiment('sweep.py')
 
 
 def test_split_values_keeps_brackets_and_quotes():

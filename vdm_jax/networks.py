@@ -82,10 +82,59 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+ATTENTION_IMPLS = ('auto', 'batched', 'chunked')
+
+
+def resolve_attention_impl(impl: str) -> str:
+  """'batched' or 'chunked'; 'auto' is 'chunked' on CPU, 'batched' elsewhere."""
+  if impl == 'auto':
+    return 'chunked' if jax.default_backend() == 'cpu' else 'batched'
+  if impl in ('batched', 'chunked'):
+    return impl
+  raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+
+
+def images_per_chunk(batch: int, positions: int) -> int:
+  """The smallest divisor m of `batch` whose m·N² attention weights reach 2^20 (4 MiB
+  in float32): small enough for the CPU's cache, large enough to amortise the loop."""
+  for m in range(1, batch + 1):
+    if batch % m == 0 and m * positions ** 2 >= 2 ** 20:
+      return m
+  return batch
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          chunk: int = 0) -> jax.Array:
+  """softmax(q kᵀ / √C) v for [B, N, C] arrays, the softmax in float32 (§6).
+
+  chunk > 0 computes it for `chunk` images at a time in a loop (lax.map), so that
+  each chunk's [N, N] weights stay in cache instead of B·N² floats going through
+  memory several times: on the 2-core CPU at 28×28, batch 32, this runs the forward
+  pass 2.1× and forward + backward 1.5× faster. The chunks interleave the batch
+  (chunk j holds images j, j + B/chunk, …) so that a batch sharded over devices
+  stays sharded the same way.
+  """
+  def attend(q, k, v):
+    logits = jnp.einsum('bqc,bkc->bqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum('bqk,bkc->bqc', weights, v)
+
+  b = q.shape[0]
+  if chunk <= 0 or chunk >= b:
+    return attend(q, k, v)
+  if b % chunk:
+    raise ValueError(f'attention chunk {chunk} does not divide the batch {b}')
+  loops = b // chunk
+  split = lambda x: jnp.moveaxis(x.reshape(chunk, loops, *x.shape[1:]), 1, 0)
+  out = jax.lax.map(lambda qkv: attend(*qkv), (split(q), split(k), split(v)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, *out.shape[2:])
+
+
 class AttnBlock(nn.Module):
   """One-head self-attention over all H·W positions, scale 1/√C, zero-init output (§6)."""
   groups: int = 32
   dtype: Any = jnp.float32
+  impl: str = 'auto'  # see resolve_attention_impl
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,9 +143,9 @@ class AttnBlock(nn.Module):
     q = nn.Dense(c, dtype=self.dtype, name='q')(h).reshape(b, height * width, c)
     k = nn.Dense(c, dtype=self.dtype, name='k')(h).reshape(b, height * width, c)
     v = nn.Dense(c, dtype=self.dtype, name='v')(h).reshape(b, height * width, c)
-    logits = jnp.einsum('bqc,bkc->bqk', q, k) / jnp.sqrt(c).astype(q.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    h = jnp.einsum('bqk,bkc->bqc', weights, v).reshape(b, height, width, c)
+    chunk = (images_per_chunk(b, height * width)
+             if resolve_attention_impl(self.impl) == 'chunked' else 0)
+    h = dot_product_attention(q, k, v, chunk).reshape(b, height, width, c)
     h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                  name='proj_out')(h)
     return x + h
@@ -120,6 +169,7 @@ class ScoreUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, conditioning: jax.Array,
@@ -157,19 +207,19 @@ class ScoreUNet(nn.Module):
       h = call(res, ResnetBlock(self.n_embd, name=f'down.block_{i}', **block_kw),
                hs[-1], cond)
       if self.with_attention:
-        h = call(attn, AttnBlock(self.groups, self.dtype, name=f'down.attn_{i}'), h)
+        h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name=f'down.attn_{i}'), h)
       hs.append(h)
 
     h = hs[-1]
     h = call(res, ResnetBlock(name='mid.block_1', **block_kw), h, cond)
-    h = call(attn, AttnBlock(self.groups, self.dtype, name='mid.attn_1'), h)
+    h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name='mid.attn_1'), h)
     h = call(res, ResnetBlock(name='mid.block_2', **block_kw), h, cond)
 
     for i in range(self.n_layer + 1):
       h = call(res_up, ResnetBlock(self.n_embd, name=f'up.block_{i}', **block_kw),
                h, hs.pop(), cond)
       if self.with_attention:
-        h = call(attn, AttnBlock(self.groups, self.dtype, name=f'up.attn_{i}'), h)
+        h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name=f'up.attn_{i}'), h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
@@ -186,4 +236,5 @@ def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
       fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
       with_attention=config.with_attention, p_drop=config.p_drop,
       groups=config.groupnorm_groups, dtype=jnp.dtype(config.dtype),
-      remat=config.remat, conv_impl=config.conv_impl, name=name)
+      remat=config.remat, conv_impl=config.conv_impl,
+      attention_impl=config.attention_impl, name=name)
