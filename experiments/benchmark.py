@@ -129,8 +129,11 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
   call = train.make_train_call(model, tx, config, mesh)
   state = train.create_train_state(config, model, tx, mesh, shape)
   # A scan counts its body once: the FLOPs of a call of 1 step are those of a step.
-  flops = flops_of(compile_train_step(counting_config(config), mesh, shape, batch))
-  memory = memory_of(compile_train_step(config, mesh, shape, batch))
+  compiled = compile_train_step(config, mesh, shape, batch)
+  memory = memory_of(compiled)
+  if networks.resolve_attention_impl(config.model.attention_impl) != 'batched':
+    compiled = compile_train_step(counting_config(config), mesh, shape, batch)
+  flops = flops_of(compiled)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, steps)
   many = {k: parallel.global_array(mesh, v, leading_axes=1) for k, v in local.items()}
   holder = {'state': state}
@@ -268,7 +271,8 @@ def table(result: dict) -> str:
                  f"{100 * s['fraction_of_matmul']:.0f}%"))
   mem = t['memory']
   if mem:
-    rows.append((f"train step memory (batch {t['batch']})", f"temp {mem.get('temp_size_in_bytes', 0) / 2**20:.1f} MiB,"
+    rows.append((f"train step memory (batch {t['batch']})",
+                 f"temp {mem.get('temp_size_in_bytes', 0) / 2**20:.1f} MiB,"
                  f" args {mem.get('argument_size_in_bytes', 0) / 2**20:.1f} MiB", '', ''))
   if 'remat_compare' in result:
     rows.append(('remat temp memory', ', '.join(

@@ -5,6 +5,7 @@ original code exactly (`dense0`, `conv_in`, `down.block_{i}`, `mid.attn_1`, …)
 that the original checkpoints load by mapping trees alone.
 """
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -197,6 +198,7 @@ class ScoreUNet(nn.Module):
     res_up = lambda m, x, skip, c: m(
         jnp.concatenate([x, skip], axis=-1), c, deterministic)
     attn = lambda m, x: m(x)
+    attn_block = functools.partial(AttnBlock, self.groups, self.dtype, self.attention_impl)
     block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype,
                     conv_impl=self.conv_impl)
 
@@ -207,19 +209,19 @@ class ScoreUNet(nn.Module):
       h = call(res, ResnetBlock(self.n_embd, name=f'down.block_{i}', **block_kw),
                hs[-1], cond)
       if self.with_attention:
-        h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name=f'down.attn_{i}'), h)
+        h = call(attn, attn_block(name=f'down.attn_{i}'), h)
       hs.append(h)
 
     h = hs[-1]
     h = call(res, ResnetBlock(name='mid.block_1', **block_kw), h, cond)
-    h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name='mid.attn_1'), h)
+    h = call(attn, attn_block(name='mid.attn_1'), h)
     h = call(res, ResnetBlock(name='mid.block_2', **block_kw), h, cond)
 
     for i in range(self.n_layer + 1):
       h = call(res_up, ResnetBlock(self.n_embd, name=f'up.block_{i}', **block_kw),
                h, hs.pop(), cond)
       if self.with_attention:
-        h = call(attn, AttnBlock(self.groups, self.dtype, self.attention_impl, name=f'up.attn_{i}'), h)
+        h = call(attn, attn_block(name=f'up.attn_{i}'), h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
