@@ -517,7 +517,10 @@ _BAD_CONFIGS = {
         "config.model.schedule = 'cosine' is not one of 'fixed_linear', "
         "'learned_linear', 'learned_nnet'"]),
     'weighting': ({'model.weighting': 'snr'}, [
-        "config.model.weighting = 'snr' is not one of 'elbo', 'sigmoid'"]),
+        "config.model.weighting = 'snr' is not one of 'elbo', 'sigmoid', "
+        "'elbo_plus_sigmoid'"]),
+    'sigmoid_scale': ({'model.sigmoid_scale': -1.0}, [
+        'config.model.sigmoid_scale = -1.0: must be >= 0']),
     'dataset': ({'data.dataset': 'cifar100'}, [
         "config.data.dataset = 'cifar100' is not one of 'mnist_embedded', 'digits', "
         "'npz', 'cifar10'"]),

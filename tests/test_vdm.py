@@ -153,6 +153,54 @@ def test_property5_decoder_normalised_and_exact_at_low_noise(vocab):
   assert float(vdm.reconstruction_loss(x, f, eps0, jnp.float32(0.0), vocab).min()) > 1.0
 
 
+def _textbook_log_prob(x, u, gamma_0, vocab):
+  """log p(x | z_0) as §3 writes it: log_softmax of the V logits, then the x-th."""
+  log_p = jax.nn.log_softmax(vdm.decoder_logits(u, gamma_0, vocab), axis=-1)
+  return jnp.take_along_axis(log_p, jnp.round(x).astype(jnp.int32)[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize('vocab', [2, 17, 256])
+def test_decoder_log_prob_equals_the_textbook_softmax(vocab):
+  """The fused form (one reduction, relative to the nearest bin) equals log_softmax in
+  value and in its gradients w.r.t. γ_0 (through u too, as in L_recon) and u, to
+  float32 rounding, from a sharp decoder (γ_0 = −13.3) to a flat one (γ_0 = 3), with u
+  also outside [−1, 1]."""
+  x = jax.random.randint(jax.random.key(0), (300,), 0, vocab).astype(jnp.float32)
+  f = vdm.encode(x, vocab)
+  eps0 = jax.random.normal(jax.random.key(1), f.shape)
+  u_far = jnp.array([-1.7, -1.01, 1.01, 1.6])
+  for gamma_0 in (-13.3, -8.0, -3.0, 0.0, 3.0):
+    g = jnp.float32(gamma_0)
+    def total(fn, g):
+      return jnp.sum(fn(x, f + jnp.exp(0.5 * g) * eps0, g, vocab))
+    np.testing.assert_allclose(total(vdm.decoder_log_prob, g), total(_textbook_log_prob, g),
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.grad(total, 1)(vdm.decoder_log_prob, g),
+                               jax.grad(total, 1)(_textbook_log_prob, g), rtol=1e-4, atol=1e-3)
+    u = jnp.concatenate([f + jnp.exp(0.5 * g) * eps0, u_far])
+    xs = jnp.concatenate([x, jnp.array([0.0, 0.0, vocab - 1.0, 0.0])])
+    per_u = lambda fn: jax.grad(lambda u: jnp.sum(fn(xs, u, g, vocab)))(u)
+    np.testing.assert_allclose(vdm.decoder_log_prob(xs, u, g, vocab),
+                               _textbook_log_prob(xs, u, g, vocab), rtol=1e-5, atol=1e-5)
+    scale = float(jnp.max(jnp.abs(per_u(_textbook_log_prob))))
+    np.testing.assert_allclose(per_u(vdm.decoder_log_prob), per_u(_textbook_log_prob),
+                               rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_decoder_gradient_stores_no_vocabulary_sized_array():
+  """Differentiating L_recon w.r.t. γ_0 keeps [P] residuals, not the P·V softmax that
+  autodiff of a log_softmax stores (its compiled temp memory is P·V floats)."""
+  pixels, vocab = 4096, 256
+  x = jnp.zeros((pixels,))
+  f = vdm.encode(x, vocab)
+  eps0 = jax.random.normal(jax.random.key(0), f.shape)
+  def temp(fn):
+    grad = jax.jit(jax.grad(lambda g: jnp.sum(fn(x, f + jnp.exp(0.5 * g) * eps0, g, vocab))))
+    return grad.lower(jnp.float32(-5.0)).compile().memory_analysis().temp_size_in_bytes
+  assert temp(_textbook_log_prob) >= pixels * vocab * 4  # the stored softmax
+  assert temp(vdm.decoder_log_prob) < pixels * vocab * 4 / 16
+
+
 def test_discrete_time_runs_and_stays_on_the_grid():
   cfg = common.tiny_model_config(timesteps=10)
   model, variables = common.init_model(cfg)
@@ -166,13 +214,17 @@ def test_discrete_time_runs_and_stays_on_the_grid():
   assert not np.allclose(out.loss_diff, out2.loss_diff)
 
 
-def test_sigmoid_weighting_changes_only_the_objective():
-  cfg = common.tiny_model_config(weighting='sigmoid', sigmoid_bias=2.0)
+@pytest.mark.parametrize('name', ['sigmoid', 'elbo_plus_sigmoid'])
+def test_sigmoid_weightings_change_only_the_objective(name):
+  cfg = common.tiny_model_config(weighting=name, sigmoid_bias=2.0, sigmoid_scale=7.0)
   model, params = _trained_like(cfg)
   out = model.apply({'params': params}, _images(jax.random.key(1)), jnp.zeros((4,)),
                     rngs={'sample': jax.random.key(2)})
+  # w(λ) with λ = −γ_t: sigmoid(2 − λ), or 1 + 7·sigmoid(2 − λ).
   w = jax.nn.sigmoid(2.0 + model.apply({'params': params}, out.t,
                                        method=lambda m, t: m.gamma(t)))
+  if name == 'elbo_plus_sigmoid':
+    w = 1.0 + 7.0 * w
   np.testing.assert_allclose(out.loss_diff_weighted, w * out.loss_diff, rtol=1e-5)
   np.testing.assert_allclose(out.objective,
                              out.loss_recon + out.loss_klz + w * out.loss_diff, rtol=1e-5)

@@ -36,8 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.gamma_max = 5.0  # gamma(1) at initialisation; also the network's time normalisation.
   model.schedule_variance_reduction = False  # Train the pinned schedule's shape on E[L_diff^2] (§4).
   # Training objective weighting (§5); evaluation always reports the unweighted bound.
-  model.weighting = 'elbo'  # elbo | sigmoid.
-  model.sigmoid_bias = 2.0  # b in w(lambda) = sigmoid(b - lambda), for weighting=sigmoid.
+  model.weighting = 'elbo'  # elbo | sigmoid | elbo_plus_sigmoid (vdm.weighting).
+  model.sigmoid_bias = 2.0  # b in sigmoid(b - lambda), for the sigmoid weightings.
+  model.sigmoid_scale = 20.0  # a in w = 1 + a*sigmoid(b - lambda), for weighting=elbo_plus_sigmoid.
   # Noise-prediction network (§6).
   model.n_embd = 128  # Channels of every block.
   model.n_layer = 32  # ResNet blocks on the way down (n_layer + 1 on the way up).

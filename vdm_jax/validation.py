@@ -24,7 +24,7 @@ DECODES = ('argmax', 'draw')
 # (How the model is computed or trained — remat, conv_impl, attention_impl, dtype,
 # the weighting of the training objective, the §4 gradient — may change between runs.)
 _NOT_MODEL_DEFINING = ('remat', 'conv_impl', 'attention_impl', 'dtype', 'weighting',
-                       'sigmoid_bias', 'schedule_variance_reduction',
+                       'sigmoid_bias', 'sigmoid_scale', 'schedule_variance_reduction',
                        'antithetic_time_sampling')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + (
@@ -92,6 +92,9 @@ def check_fields(config) -> list[str]:
     errors.append(f'config.model.fourier_n_min = {m.fourier_n_min} > fourier_n_max = '
                   f'{m.fourier_n_max}: the Fourier range is empty or inverted (n_min ≤ '
                   'n_max, inclusive; or set with_fourier_features=False).')
+  if not m.sigmoid_scale >= 0.0:
+    errors.append(f'config.model.sigmoid_scale = {m.sigmoid_scale}: must be >= 0 '
+                  '(w = 1 + a*sigmoid(b - lambda) must stay positive).')
   if not 0.0 <= m.p_drop < 1.0:
     errors.append(f'config.model.p_drop = {m.p_drop}: must be in [0, 1).')
   if m.schedule_variance_reduction and not (
