@@ -173,8 +173,10 @@ def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   tx = optim.make_optimizer(config.optimizer, 1)
   params = train.create_train_state(config, model, tx, mesh, shape).params
   step = evaluate.make_eval_step(model, mesh, 1, None)
-  counting_step = evaluate.make_eval_step(train.make_model(counting_config(config)),
-                                          mesh, 1, None)
+  counting_step = step
+  if networks.resolve_attention_impl(config.model.attention_impl) != 'batched':
+    counting_step = evaluate.make_eval_step(train.make_model(counting_config(config)),
+                                            mesh, 1, None)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
   data = {'images': parallel.global_array(mesh, local['images'][0]),
           'conditioning': parallel.global_array(mesh, local['conditioning'][0]),

@@ -45,12 +45,12 @@ def nearest_centre(u: jax.Array, vocab_size: int) -> jax.Array:
   return encode(v, vocab_size)
 
 
-def _logit_gaps(u, c, gamma_0, vocab_size):
-  """ℓ_v − ℓ_c = −½·exp(−γ_0)·r_v for every v, [..., V], with c the nearest centre and
-  r_v = (u − e_v)² − (u − c)² = (c − e_v)(2u − e_v − c) ≥ 0, written as a product so
-  that no large squares cancel."""
-  e = encode(jnp.arange(vocab_size), vocab_size)
-  r = (c[..., None] - e) * (2.0 * u[..., None] - e - c[..., None])
+def _logit_gap(u, c, e, gamma_0):
+  """ℓ_e − ℓ_c = −½·exp(−γ_0)·r with r = (u − e)² − (u − c)² = (c − e)(2u − e − c),
+  written as a product so that no large squares cancel (c: the nearest centre)."""
+  r = (c - e) * (2.0 * u - e - c)
+  # Scaled last: in this order XLA keeps the [..., V] gaps inside the reduction's loop
+  # (tests/test_vdm.py checks the gradient's memory).
   return -0.5 * jnp.exp(-gamma_0) * r
 
 
@@ -64,9 +64,9 @@ def decoder_log_normaliser(u: jax.Array, gamma_0: jax.Array, vocab_size: int) ->
   softmax, and the profile of the MNIST train step showed the V = 256 decoder taking
   ~8% of the step).
   """
-  gaps = _logit_gaps(u, jax.lax.stop_gradient(nearest_centre(u, vocab_size)), gamma_0,
-                     vocab_size)
-  return jnp.log(jnp.sum(jnp.exp(gaps), axis=-1))
+  c = nearest_centre(u, vocab_size)[..., None]
+  e = encode(jnp.arange(vocab_size), vocab_size)
+  return jnp.log(jnp.sum(jnp.exp(_logit_gap(u[..., None], c, e, gamma_0)), axis=-1))
 
 
 @decoder_log_normaliser.defjvp
@@ -75,16 +75,16 @@ def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
   # ∂/∂γ_0 = ½·exp(−γ_0)·Σ_v p_v r_v = −Σ_v p_v (ℓ_v − ℓ_c) (the terms in c cancel
   # against ℓ_c).
   # The three sums are one variadic reduction, so that XLA fuses them into one loop
-  # instead of writing exp(ℓ_v − ℓ_c) and r_v out for three consumers.
+  # instead of writing exp(ℓ_v − ℓ_c) out for three consumers.
   u, gamma_0 = primals
   du, dgamma_0 = tangents
-  c = nearest_centre(u, vocab_size)
-  gaps = _logit_gaps(u, c, gamma_0, vocab_size)  # = −½·exp(−γ_0)·r_v
+  c = nearest_centre(u, vocab_size)[..., None]
   e = encode(jnp.arange(vocab_size), vocab_size)
+  gaps = _logit_gap(u[..., None], c, e, gamma_0)
   w = jnp.exp(gaps)
   zero = jnp.zeros((), w.dtype)
   z, w_e, w_gaps = jax.lax.reduce(
-      (w, w * (e - c[..., None]), w * gaps), (zero, zero, zero),
+      (w, w * (e - c), w * gaps), (zero, zero, zero),
       lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (w.ndim - 1,))
   return jnp.log(z), (jnp.exp(-gamma_0) * w_e / z) * du - (w_gaps / z) * dgamma_0
 
@@ -94,8 +94,7 @@ def decoder_log_prob(x: jax.Array, u: jax.Array, gamma_0: jax.Array,
   """log p(x_i | z_0) = ℓ_x − log Σ_v exp ℓ_v per sub-pixel, factorised over the D
   sub-pixels (§3); computed relative to the largest logit ℓ_c, without gathering."""
   c = jax.lax.stop_gradient(nearest_centre(u, vocab_size))
-  e_x = encode(x, vocab_size)
-  gap_x = -0.5 * jnp.exp(-gamma_0) * (c - e_x) * (2.0 * u - e_x - c)  # ℓ_x − ℓ_c
+  gap_x = _logit_gap(u, c, encode(x, vocab_size), gamma_0)  # ℓ_x − ℓ_c
   return gap_x - decoder_log_normaliser(u, gamma_0, vocab_size)
 
 
