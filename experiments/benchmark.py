@@ -1,9 +1,10 @@
 r"""Throughput, FLOP/s and memory of the train step, the evaluation pass and the sampler.
 
-All figures come from one process, with the machine's own float32 matmul rate
-(jnp.dot of 2048×2048, median of several) measured in the same run as the practical
-peak. FLOPs are XLA's cost analysis of the compiled computations; memory is XLA's
-memory analysis of the compiled train step plus the process's peak RSS.
+All figures come from one process, with the machine's own matmul rate (jnp.dot of
+two n×n matrices, median of several; float32 and n = 2048 unless --matmul_dtype and
+--matmul_size say otherwise) measured in the same run as the practical peak. FLOPs are
+XLA's cost analysis of the compiled computations; memory is XLA's memory analysis of
+the compiled train step plus the process's peak RSS.
 
   python experiments/benchmark.py --config=configs/mnist.py
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=16 \
@@ -11,6 +12,8 @@ memory analysis of the compiled train step plus the process's peak RSS.
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=4 \
       --eval_batch_size=4 --repeats=1 --sample_num=4 --sample_steps=2
   python experiments/benchmark.py --config=configs/mnist.py --config.model.conv_impl=xla
+  python experiments/benchmark.py --config=configs/cifar10.py --batch_size=128 \
+      --config.model.dtype=bfloat16 --matmul_size=8192 --matmul_dtype=bfloat16  # GPU
 
 Writes JSON (--out, default stdout after the table) and prints a readable table.
 """
@@ -40,7 +43,8 @@ from vdm_jax import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.DEFINE_integer('batch_size', None, 'Global train batch (default: the config\'s).')
-flags.DEFINE_integer('eval_batch_size', None, 'Eval batch (default: the train batch).')
+flags.DEFINE_integer('eval_batch_size', None,
+                     "Global eval batch (default: the config's eval.batch_size).")
 flags.DEFINE_integer('repeats', 3, 'Timed dispatches of each computation (median).')
 flags.DEFINE_integer('sample_num', 8, 'Samples drawn by the sampler benchmark.')
 flags.DEFINE_integer('sample_steps', 20, 'T of the sampler benchmark.')
@@ -52,6 +56,12 @@ flags.DEFINE_bool('remat_compare', False,
 flags.DEFINE_bool('memory_only', False,
                   'Only compile the train step and report its memory (no timing, no '
                   'matmul rate): quick for models that are slow on this machine.')
+flags.DEFINE_integer('matmul_size', 2048,
+                     'n of the n×n matmul whose rate is the peak (2048 on CPU; an '
+                     'accelerator needs a larger n, e.g. 8192, to reach its rate).')
+flags.DEFINE_enum('matmul_dtype', 'float32', ['float32', 'bfloat16'],
+                  'dtype of that matmul (bfloat16 to compare a bfloat16 model with '
+                  'the bfloat16 rate).')
 flags.DEFINE_string('out', None, 'Write the JSON here.')
 
 _SHAPES = {'cifar10': (32, 32, 3), 'mnist': (28, 28, 1), 'mnist_embedded': (28, 28, 1),
@@ -78,20 +88,35 @@ def timed(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-  """float32 FLOP/s of jnp.dot of two n×n matrices: this machine's practical peak."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_rate(n: int = 2048, dtype: str = 'float32', repeats: int = 10) -> float:
+  """FLOP/s of jnp.dot of two n×n matrices of `dtype`: this machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   seconds = timed(lambda: dot(a, b).block_until_ready(), repeats)
   return 2.0 * n ** 3 / seconds
 
 
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
+def flops_of(lowered) -> float:
+  """XLA's FLOP count of a lowered or compiled computation (see counting_mesh)."""
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def counting_mesh():
+  """One CPU device: where FLOPs are counted, whatever the benchmark runs on.
+
+  XLA's cost analysis after GPU compilation counts every convolution and matmul,
+  which became cuDNN/cuBLAS custom calls, as zero FLOPs (an H200 with jax 0.11.2:
+  2.8 of 155 GFLOP per cifar10 training image), and the unoptimised module's analysis
+  gave no count there at all. The arithmetic does not depend on the backend, so the
+  count comes from the computation lowered, not compiled, for the CPU. It is below
+  the compiled CPU count only by the elementwise work that XLA's fusions duplicate
+  (mnist train step: 0.4 % below; the tiny test model: 8 %).
+  """
+  return parallel.make_mesh(jax.devices('cpu')[:1])
 
 
 def counting_config(config):
@@ -128,12 +153,8 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
   steps = config.training.steps_per_call
   call = train.make_train_call(model, tx, config, mesh)
   state = train.create_train_state(config, model, tx, mesh, shape)
-  # A scan counts its body once: the FLOPs of a call of 1 step are those of a step.
-  compiled = compile_train_step(config, mesh, shape, batch)
-  memory = memory_of(compiled)
-  if networks.resolve_attention_impl(config.model.attention_impl) != 'batched':
-    compiled = compile_train_step(counting_config(config), mesh, shape, batch)
-  flops = flops_of(compiled)
+  memory = train_memory(config, mesh, shape, batch)
+  flops = count_train_flops(config, shape, batch)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, steps)
   many = {k: parallel.global_array(mesh, v, leading_axes=1) for k, v in local.items()}
   holder = {'state': state}
@@ -148,8 +169,8 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
               flops_per_s=flops * steps / seconds, memory=memory)
 
 
-def compile_train_step(config, mesh, shape, batch: int):
-  """The train call compiled for one step (nothing is run)."""
+def lower_train_step(config, mesh, shape, batch: int):
+  """The train call lowered for one step (nothing is compiled or run)."""
   model = train.make_model(config)
   tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
   call = train.make_train_call(model, tx, config, mesh)
@@ -158,12 +179,55 @@ def compile_train_step(config, mesh, shape, batch: int):
                               sharding=parallel.batch_sharding(mesh, 1))
   cond = jax.ShapeDtypeStruct((1, batch), jnp.float32,
                               sharding=parallel.batch_sharding(mesh, 1))
-  return call.lower(state, {'images': spec, 'conditioning': cond}).compile()
+  return call.lower(state, {'images': spec, 'conditioning': cond})
+
+
+def count_train_flops(config, shape, batch: int) -> float:
+  """FLOPs of one train step (a scan counts its body once, so a call of 1 step)."""
+  return flops_of(lower_train_step(counting_config(config), counting_mesh(), shape, batch))
+
+
+def count_eval_flops(config, shape, batch: int) -> float:
+  """FLOPs of one evaluation step (one draw per image)."""
+  from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  cmesh = counting_mesh()
+  config = counting_config(config)
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, 1)
+  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
+  step = evaluate.make_eval_step(model, cmesh, 1, None)
+
+  def spec(s, dtype):
+    return jax.ShapeDtypeStruct(s, dtype, sharding=parallel.batch_sharding(cmesh))
+
+  data = {'images': spec((batch,) + tuple(shape), jnp.uint8),
+          'conditioning': spec((batch,), jnp.float32), 'mask': spec((batch,), jnp.bool_)}
+  return flops_of(step.lower(params, data, _abstract_key(cmesh)))
+
+
+def count_sampler_flops(config, shape, num: int, timesteps: int) -> float:
+  """FLOPs of T sampler steps for `num` images: T × one step's."""
+  cmesh = counting_mesh()
+  config = counting_config(config)
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, 1)
+  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
+  step_fn = jax.jit(lambda p, z, key: model.apply(
+      {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
+      method=type(model).sample_step))
+  z = jax.ShapeDtypeStruct((num,) + tuple(shape), jnp.float32,
+                           sharding=parallel.replicated(cmesh))
+  return flops_of(step_fn.lower(params, z, _abstract_key(cmesh))) * timesteps
+
+
+def _abstract_key(mesh):
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
 
 
 def train_memory(config, mesh, shape, batch: int) -> dict:
   """XLA's memory analysis of one compiled train step (nothing is run)."""
-  return memory_of(compile_train_step(config, mesh, shape, batch))
+  return memory_of(lower_train_step(config, mesh, shape, batch).compile())
 
 
 def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
@@ -173,16 +237,12 @@ def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   tx = optim.make_optimizer(config.optimizer, 1)
   params = train.create_train_state(config, model, tx, mesh, shape).params
   step = evaluate.make_eval_step(model, mesh, 1, None)
-  counting_step = step
-  if networks.resolve_attention_impl(config.model.attention_impl) != 'batched':
-    counting_step = evaluate.make_eval_step(train.make_model(counting_config(config)),
-                                            mesh, 1, None)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
   data = {'images': parallel.global_array(mesh, local['images'][0]),
           'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
           'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
   key = jax.random.key(0)
-  flops = flops_of(counting_step.lower(params, data, key).compile())
+  flops = count_eval_flops(config, shape, batch)
   seconds = timed(lambda: jax.block_until_ready(step(params, data, key)), repeats)
   return dict(batch=batch, images_per_s=batch / seconds, flops_per_batch=flops,
               flops_per_s=flops / seconds)
@@ -195,12 +255,7 @@ def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
   params = train.create_train_state(config, model, tx, mesh, shape).params
   sampler = sampling.make_sampler(model, (num,) + tuple(shape), timesteps, mesh=mesh)
   key = jax.random.key(0)
-  counting_model = train.make_model(counting_config(config))
-  step_fn = jax.jit(lambda p, z: counting_model.apply(
-      {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
-      method=type(model).sample_step))
-  z = jnp.zeros((num,) + tuple(shape), jnp.float32)
-  flops = flops_of(step_fn.lower(params, z).compile()) * timesteps
+  flops = count_sampler_flops(config, shape, num, timesteps)
   seconds = timed(lambda: jax.block_until_ready(sampler(params, key)), 1)
   return dict(num_samples=num, timesteps=timesteps, seconds=seconds,
               flops=flops, flops_per_s=flops / seconds)
@@ -208,12 +263,13 @@ def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
 
 def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
                   sample_steps=20, skip_sampler=False, skip_eval=False,
-                  remat_compare=False, memory_only=False) -> dict:
+                  remat_compare=False, memory_only=False, matmul_size=2048,
+                  matmul_dtype='float32') -> dict:
   mesh = parallel.make_mesh()
   shape = image_shape(config)
   batch = batch or config.training.batch_size
-  eval_batch = eval_batch or batch
-  peak = None if memory_only else matmul_rate()
+  eval_batch = eval_batch or config.eval.batch_size
+  peak = None if memory_only else matmul_rate(matmul_size, matmul_dtype)
   result = dict(
       machine=dict(platform=platform.platform(), processor=platform.processor(),
                    backend=jax.default_backend(),
@@ -226,7 +282,7 @@ def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
                   conv_impl=conv.resolve_impl(config.model.conv_impl),
                   attention_impl=networks.resolve_attention_impl(
                       config.model.attention_impl)),
-      matmul_flops_per_s=peak)
+      matmul=dict(size=matmul_size, dtype=matmul_dtype), matmul_flops_per_s=peak)
   if memory_only:
     result['train'] = dict(batch=batch, memory=train_memory(config, mesh, shape, batch))
     skip_eval = skip_sampler = True
@@ -255,7 +311,9 @@ def table(result: dict) -> str:
   rows = []
   t = result['train']
   if result['matmul_flops_per_s'] is not None:
-    rows.append(('matmul 2048² f32', f"{result['matmul_flops_per_s'] / g:.1f} GFLOP/s",
+    m = result['matmul']
+    rows.append((f"matmul {m['size']}² {m['dtype']}",
+                 f"{result['matmul_flops_per_s'] / g:.1f} GFLOP/s",
                  '', ''))
   if 'images_per_s' in t:
     rows.append(('train step', f"{t['images_per_s']:.1f} img/s "
@@ -295,7 +353,7 @@ def main(argv):
   result = run_benchmark(
       FLAGS.config, FLAGS.batch_size, FLAGS.eval_batch_size, FLAGS.repeats,
       FLAGS.sample_num, FLAGS.sample_steps, FLAGS.skip_sampler, FLAGS.skip_eval,
-      FLAGS.remat_compare, FLAGS.memory_only)
+      FLAGS.remat_compare, FLAGS.memory_only, FLAGS.matmul_size, FLAGS.matmul_dtype)
   print(table(result))
   text = json.dumps(result, indent=2)
   if FLAGS.out:

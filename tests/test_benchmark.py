@@ -1,6 +1,7 @@
 """experiments/benchmark.py on the tiny test config: every figure present and consistent."""
 
 import common
+import jax
 
 benchmark = common.load_experiment('benchmark.py')
 
@@ -22,7 +23,7 @@ def test_benchmark_reports_rates_as_flops_over_time_and_matmul():
   assert t['steps_per_call'] == steps and t['memory']['temp_size_in_bytes'] > 0
   assert result['sampler']['timesteps'] == 2
   text = benchmark.table(result)
-  for row in ('matmul 2048² f32', 'train step', 'eval pass', 'sampler', 'peak RSS'):
+  for row in ('matmul 2048² float32', 'train step', 'eval pass', 'sampler', 'peak RSS'):
     assert row in text
 
 
@@ -41,3 +42,35 @@ def test_flops_are_counted_with_the_attention_unchunked():
   config = common.load_config('test')
   assert benchmark.counting_config(config).model.attention_impl == 'batched'
   assert config.model.attention_impl == 'auto'  # the original is left alone
+
+
+def test_flops_count_every_convolution_and_little_else():
+  """The count must hold each 3×3 convolution (GPU's compiled count drops them).
+
+  Every (3, 3, C_in, C_out) kernel is applied once per pixel in the forward pass
+  (no downsampling, §6). XLA counts only the taps that fall inside the image, (3H − 2)
+  per row of H pixels, so 2·(3H − 2)(3W − 2)·C_in·C_out FLOPs per image; the train
+  step adds the input and kernel gradients, twice that again.
+  """
+  config = common.load_config('test')
+  config.model.n_embd = 32  # convolution-dominated, as the real models are
+  shape = benchmark.image_shape(config)
+  batch = 8
+  model = benchmark.train.make_model(config)
+  tx = benchmark.optim.make_optimizer(config.optimizer, 1)
+  params = benchmark.train.create_train_state(
+      config, model, tx, benchmark.counting_mesh(), shape, abstract=True).params
+  kernels = [p.shape for p in jax.tree_util.tree_leaves(params)
+             if len(p.shape) == 4 and p.shape[:2] == (3, 3)]
+  assert len(kernels) >= 4
+  h, w, _ = shape
+  conv_forward = sum(2 * (3 * h - 2) * (3 * w - 2) * cin * cout for _, _, cin, cout in kernels) * batch
+  eval_flops = benchmark.count_eval_flops(config, shape, batch)
+  train_flops = benchmark.count_train_flops(config, shape, batch)
+  assert conv_forward < eval_flops < 1.5 * conv_forward
+  assert 3 * conv_forward < train_flops < 1.5 * 3 * conv_forward
+  # Against XLA's count of the CPU-compiled step: lower only by duplicated elementwise work.
+  compiled = benchmark.lower_train_step(benchmark.counting_config(config),
+                                        benchmark.counting_mesh(), shape, batch).compile()
+  compiled_flops = benchmark.flops_of(compiled)
+  assert 0.9 * compiled_flops < train_flops <= compiled_flops
