@@ -308,3 +308,61 @@ def test_images_per_chunk():
   assert networks.resolve_attention_impl('auto') == 'chunked'  # tests run on CPU
   with pytest.raises(ValueError, match='attention impl must be one of'):
     networks.resolve_attention_impl('flash')
+
+
+def test_downsample_averages_each_2x2_block():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3))
+  expected = (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]) / 4
+  np.testing.assert_allclose(networks.downsample(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_repeats_each_pixel_before_its_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 2, 4))
+  up = networks.Upsample()
+  kernel = jnp.zeros((3, 3, 4, 4)).at[1, 1].set(jnp.eye(4))  # identity convolution
+  y = up.apply({'params': {'conv': {'kernel': kernel, 'bias': jnp.zeros((4,))}}}, x)
+  assert y.shape == (2, 6, 4, 4)
+  for di in (0, 1):
+    for dj in (0, 1):
+      np.testing.assert_allclose(y[:, di::2, dj::2], x, rtol=1e-6, atol=1e-6)
+
+
+def test_channel_mult_builds_a_u_net_of_the_given_widths():
+  """(1, 2) on 8×8: blocks of 8 channels at 8×8 and 16 at 4×4; skips as in DDPM."""
+  flat = _param_shapes(common.tiny_model_config(channel_mult=(1, 2)), (8, 8, 1))
+  shapes = {k.split('/', 1)[1]: v.shape for k, v in flat.items() if k.startswith('score_')}
+  expected = {
+      'conv_in/kernel': (3, 3, 5, 8),
+      'down.block_0/conv1/kernel': (3, 3, 8, 8),
+      'down.block_1/conv1/kernel': (3, 3, 8, 16),  # first block of the 4×4 level
+      'down.block_1/nin_shortcut/kernel': (8, 16),
+      'mid.attn_1/q/kernel': (16, 16),
+      'up.block_0/conv1/kernel': (3, 3, 32, 16),  # h 16 + skip down.block_1 16
+      'up.block_1/conv1/kernel': (3, 3, 24, 16),  # h 16 + skip pooled down.block_0 8
+      'up.upsample_1/conv/kernel': (3, 3, 16, 16),
+      'up.block_2/conv1/kernel': (3, 3, 24, 8),  # h 16 + skip down.block_0 8
+      'up.block_3/conv1/kernel': (3, 3, 16, 8),  # h 8 + skip conv_in 8
+      'conv_out/kernel': (3, 3, 8, 1),
+  }
+  for name, shape in expected.items():
+    assert shapes[name] == shape, name
+  assert 'up.block_4/conv1/kernel' not in shapes and 'down.block_2/conv1/kernel' not in shapes
+
+
+def test_channel_mult_every_level_is_trained_and_remat_agrees():
+  """Every parameter of every resolution gets a gradient; remat changes no value."""
+  cfg = common.tiny_model_config(channel_mult=(1, 2), p_drop=0.0)
+  net = networks.make_score_model(cfg, name=None)
+  z = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  g = jnp.array([0.0, 2.0])
+  params = common.perturb(net.init(jax.random.key(0), z, g, jnp.zeros((2,)))['params'],
+                          jax.random.key(2), scale=0.2)
+  loss = lambda n: lambda p: jnp.sum(n.apply({'params': p}, z, g, jnp.zeros((2,))) ** 2)
+  grads = jax.grad(loss(net))(params)
+  for name, leaf in flax.traverse_util.flatten_dict(grads, sep='/').items():
+    assert float(jnp.abs(leaf).max()) > 0, name
+  remat = networks.make_score_model(
+      common.tiny_model_config(channel_mult=(1, 2), p_drop=0.0, remat=True), name=None)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(
+      u, v, rtol=1e-5, atol=1e-5 * float(jnp.abs(v).max())), jax.grad(loss(remat))(params),
+      grads)

@@ -534,6 +534,10 @@ _BAD_CONFIGS = {
     'fourier_range': ({'model.fourier_n_min': 5}, [
         'config.model.fourier_n_min = 5 > fourier_n_max = 4',
         'empty or inverted']),
+    'channel_mult': ({'model.channel_mult': (1, 0)}, [
+        'config.model.channel_mult = (1, 0): must be a non-empty tuple of integers ≥ 1']),
+    'channel_mult_levels': ({'model.channel_mult': (1, 2, 2, 2, 2)}, [
+        'halves the image 4 time(s), so H and W must divide by 16', 'is 8x8']),
     'vocab_size': ({'model.vocab_size': 17}, [
         'config.model.vocab_size = 17 does not match the data: npz has V = 256',
         '--config.model.vocab_size=256']),
@@ -663,6 +667,17 @@ def test_resuming_with_another_model_is_refused_with_the_difference(workdir_copy
   assert 'learning_rate' not in message and 'num_steps' not in message  # not the model
   assert '--allow_config_change' in message
   assert _fingerprint(workdir) == before
+
+
+def test_a_config_saved_before_channel_mult_resumes_as_one_resolution(workdir_copy):
+  """Workdirs written before model.channel_mult existed hold the paper's network."""
+  workdir, _, cfg_dict = workdir_copy
+  saved = json.loads((workdir / 'config.json').read_text())
+  del saved['model']['channel_mult']
+  assert validation.config_difference(saved, _fresh(cfg_dict)) == []
+  assert validation.config_difference(
+      saved, _fresh(cfg_dict, **{'model.channel_mult': (1, 2)})) == [
+          'model.channel_mult: saved (1,), now (1, 2)']
 
 
 @pytest.mark.parametrize('changes,expected', [

@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.sigmoid_scale = 20.0  # a in w = 1 + a*sigmoid(b - lambda), for weighting=elbo_plus_sigmoid.
   # Noise-prediction network (§6).
   model.n_embd = 128  # Channels of every block.
-  model.n_layer = 32  # ResNet blocks on the way down (n_layer + 1 on the way up).
+  model.n_layer = 32  # ResNet blocks on the way down (n_layer + 1 on the way up), per resolution.
+  model.channel_mult = (1,)  # Channels per resolution, × n_embd; (1,) = the paper's single resolution (§6); more entries halve H, W between them (not in the paper).
   model.with_fourier_features = True  # Concatenate sin/cos(2^n pi z) to the input.
   model.fourier_n_min = 7  # Smallest n of the Fourier features (the original's 2^6 * 2pi).
   model.fourier_n_max = 8  # Largest n (inclusive).

@@ -155,13 +155,40 @@ class AttnBlock(nn.Module):
     return x + h
 
 
+def downsample(x: jax.Array) -> jax.Array:
+  """2×2 average pooling: [B, H, W, C] → [B, H/2, W/2, C]."""
+  b, height, width, c = x.shape
+  return x.reshape(b, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour ×2 in H and W, then a 3×3 convolution (as in DDPM's U-Net)."""
+  dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv.Conv3x3(x.shape[-1], dtype=self.dtype, impl=self.conv_impl,
+                        name='conv')(x)
+
+
 class ScoreUNet(nn.Module):
   """ε̂_θ(z_t, γ_t, conditioning), the original topology and names (§6).
+
+  With `channel_mult = (1,)` (the default) this is the paper's network: every block
+  at full resolution with n_embd channels. A longer `channel_mult` adds resolutions,
+  which the paper does not use: n_layer blocks of n_embd·channel_mult[l] channels at
+  H/2^l × W/2^l, 2×2 average pooling between them on the way down, nearest ×2 and a
+  3×3 convolution (`up.upsample_l`) on the way up, the middle blocks at the lowest
+  resolution (a DDPM-style U-Net, for small-compute runs such as the MNIST default).
+  Block names count on across resolutions, so (1,) keeps the original's names.
 
   Attributes mirror `config.model`: see vdm_jax/config_base.py.
   """
   n_embd: int = 128
   n_layer: int = 32
+  channel_mult: tuple[int, ...] = (1,)
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   with_fourier_features: bool = True
@@ -205,26 +232,37 @@ class ScoreUNet(nn.Module):
     block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype,
                     conv_impl=self.conv_impl)
 
-    h = conv.Conv3x3(self.n_embd, dtype=self.dtype, impl=self.conv_impl,
+    mults = tuple(self.channel_mult)
+    h = conv.Conv3x3(self.n_embd * mults[0], dtype=self.dtype, impl=self.conv_impl,
                      name='conv_in')(h)
     hs = [h]
-    for i in range(self.n_layer):
-      h = call(res, ResnetBlock(self.n_embd, name=f'down.block_{i}', **block_kw),
-               hs[-1], cond)
-      if self.with_attention:
-        h = call(attn, attn_block(name=f'down.attn_{i}'), h)
-      hs.append(h)
+    i = 0
+    for level, mult in enumerate(mults):
+      for _ in range(self.n_layer):
+        h = call(res, ResnetBlock(self.n_embd * mult, name=f'down.block_{i}', **block_kw),
+                 hs[-1], cond)
+        if self.with_attention:
+          h = call(attn, attn_block(name=f'down.attn_{i}'), h)
+        hs.append(h)
+        i += 1
+      if level < len(mults) - 1:
+        hs.append(downsample(hs[-1]))
 
     h = hs[-1]
     h = call(res, ResnetBlock(name='mid.block_1', **block_kw), h, cond)
     h = call(attn, attn_block(name='mid.attn_1'), h)
     h = call(res, ResnetBlock(name='mid.block_2', **block_kw), h, cond)
 
-    for i in range(self.n_layer + 1):
-      h = call(res_up, ResnetBlock(self.n_embd, name=f'up.block_{i}', **block_kw),
-               h, hs.pop(), cond)
-      if self.with_attention:
-        h = call(attn, attn_block(name=f'up.attn_{i}'), h)
+    i = 0
+    for level in reversed(range(len(mults))):
+      for _ in range(self.n_layer + 1):
+        h = call(res_up, ResnetBlock(self.n_embd * mults[level], name=f'up.block_{i}',
+                                     **block_kw), h, hs.pop(), cond)
+        if self.with_attention:
+          h = call(attn, attn_block(name=f'up.attn_{i}'), h)
+        i += 1
+      if level > 0:
+        h = Upsample(self.dtype, self.conv_impl, name=f'up.upsample_{level}')(h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
@@ -236,7 +274,9 @@ class ScoreUNet(nn.Module):
 def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
   """The network described by `config.model` (§6)."""
   return ScoreUNet(
-      n_embd=config.n_embd, n_layer=config.n_layer, gamma_min=config.gamma_min,
+      n_embd=config.n_embd, n_layer=config.n_layer,
+      # Configs saved before channel_mult existed describe the single-resolution net.
+      channel_mult=tuple(config.get('channel_mult', (1,))), gamma_min=config.gamma_min,
       gamma_max=config.gamma_max, with_fourier_features=config.with_fourier_features,
       fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
       with_attention=config.with_attention, p_drop=config.p_drop,

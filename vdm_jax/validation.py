@@ -31,6 +31,11 @@ MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                            'data.dataset', 'data.augment')
 
 
+# Model-defining fields added after configs were first saved, with the value that a
+# config.json written before them implies.
+_ADDED_LATER = {'model.channel_mult': (1,)}
+
+
 class ConfigError(ValueError):
   """One or more config fields are invalid; the message lists each with the fix."""
 
@@ -88,6 +93,12 @@ def check_fields(config) -> list[str]:
                   f'among {[g for g in range(1, m.n_embd + 1) if m.n_embd % g == 0]}.')
   if m.n_layer < 0:
     errors.append(f'config.model.n_layer = {m.n_layer}: must be ≥ 0.')
+  mults = m.channel_mult
+  if (not isinstance(mults, (tuple, list)) or not mults
+      or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in mults)):
+    errors.append(f'config.model.channel_mult = {mults!r}: must be a non-empty tuple of '
+                  'integers ≥ 1, e.g. (1,) (the paper) or (1, 2, 2); on the command line '
+                  "--config.model.channel_mult='(1, 2, 2)'.")
   if m.with_fourier_features and m.fourier_n_min > m.fourier_n_max:
     errors.append(f'config.model.fourier_n_min = {m.fourier_n_min} > fourier_n_max = '
                   f'{m.fourier_n_max}: the Fourier range is empty or inverted (n_min ≤ '
@@ -162,6 +173,11 @@ def validate(config, mesh=None) -> input_pipeline.DatasetInfo:
     errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match the '
                   f'data: {info.name} has V = {info.vocab_size} values per sub-pixel; set '
                   f'--config.model.vocab_size={info.vocab_size}.')
+  levels = len(config.model.channel_mult) - 1
+  if info.height % 2**levels or info.width % 2**levels:
+    errors.append(f'config.model.channel_mult = {tuple(config.model.channel_mult)} halves '
+                  f'the image {levels} time(s), so H and W must divide by {2**levels}; '
+                  f'{info.name} is {info.height}x{info.width}. Use fewer entries.')
   if config.data.augment and info.height != info.width:
     errors.append(f'config.data.augment = True rotates images, which needs H == W; '
                   f'{info.name} is {info.height}x{info.width}.')
@@ -176,7 +192,8 @@ def config_difference(saved: dict, config, fields=MODEL_DEFINING) -> list[str]:
   flat_now = _flatten(config)
   diffs = []
   for key in fields:
-    old, new = flat_saved.get(key, '<absent>'), flat_now.get(key, '<absent>')
+    old = flat_saved.get(key, _ADDED_LATER.get(key, '<absent>'))
+    new = flat_now.get(key, '<absent>')
     if isinstance(old, list):
       old = tuple(old)
     if isinstance(new, list):
