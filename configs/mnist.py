@@ -37,7 +37,7 @@ def get_config():
   config.optimizer.warmup_steps = 50
   config.optimizer.ema_rate = 0.999
   config.training.batch_size = 16
-  config.training.num_steps = 1700  # ~10 min at ~2.9 steps/s on 2 idle CPU cores
+  config.training.num_steps = 1700  # ~10 min at ~2.8 steps/s on 2 idle CPU cores
   config.training.steps_per_call = 2
   config.training.log_every = 50
   config.training.checkpoint_every = 500
