@@ -190,11 +190,7 @@ def count_train_flops(config, shape, batch: int) -> float:
 def count_eval_flops(config, shape, batch: int) -> float:
   """FLOPs of one evaluation step (one draw per image)."""
   from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  cmesh = counting_mesh()
-  config = counting_config(config)
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, 1)
-  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
+  cmesh, model, params = _counting_model(config, shape)
   step = evaluate.make_eval_step(model, cmesh, 1, None)
 
   def spec(s, dtype):
@@ -207,17 +203,23 @@ def count_eval_flops(config, shape, batch: int) -> float:
 
 def count_sampler_flops(config, shape, num: int, timesteps: int) -> float:
   """FLOPs of T sampler steps for `num` images: T × one step's."""
-  cmesh = counting_mesh()
-  config = counting_config(config)
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, 1)
-  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
+  cmesh, model, params = _counting_model(config, shape)
   step_fn = jax.jit(lambda p, z, key: model.apply(
       {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
       method=type(model).sample_step))
   z = jax.ShapeDtypeStruct((num,) + tuple(shape), jnp.float32,
                            sharding=parallel.replicated(cmesh))
   return flops_of(step_fn.lower(params, z, _abstract_key(cmesh))) * timesteps
+
+
+def _counting_model(config, shape):
+  """(counting mesh, model, abstract parameters on it) for counting_config(config)."""
+  cmesh = counting_mesh()
+  config = counting_config(config)
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config.optimizer, 1)
+  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
+  return cmesh, model, params
 
 
 def _abstract_key(mesh):

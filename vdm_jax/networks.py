@@ -275,8 +275,7 @@ def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
   """The network described by `config.model` (§6)."""
   return ScoreUNet(
       n_embd=config.n_embd, n_layer=config.n_layer,
-      # Configs saved before channel_mult existed describe the single-resolution net.
-      channel_mult=tuple(config.get('channel_mult', (1,))), gamma_min=config.gamma_min,
+      channel_mult=tuple(config.channel_mult), gamma_min=config.gamma_min,
       gamma_max=config.gamma_max, with_fourier_features=config.with_fourier_features,
       fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
       with_attention=config.with_attention, p_drop=config.p_drop,
