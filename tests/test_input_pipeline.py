@@ -350,11 +350,16 @@ def fresh_cache():
   input_pipeline.clear_cache()
 
 
+@pytest.mark.parametrize('random_access', [True, False])
 @pytest.mark.parametrize('dataset,shape', [('cifar10', (32, 32, 3)),
                                            ('mnist', (28, 28, 1))])
-def test_tfds_through_mock_data(tmp_path, fresh_cache, dataset, shape):
+def test_tfds_through_mock_data(tmp_path, fresh_cache, monkeypatch, dataset, shape,
+                                random_access):
+  """Both tfds paths: array_record read where indexed, TFRecord decoded whole."""
   tfds = pytest.importorskip('tensorflow_datasets')
   config = _data_config(dataset=dataset, data_dir=str(tmp_path))
+  if not random_access:
+    monkeypatch.setattr(input_pipeline, '_open_tfds', lambda *args: None)
   with tfds.testing.mock_data(num_examples=24,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     train = input_pipeline.load_split(config, 'train')
@@ -371,13 +376,132 @@ def test_tfds_through_mock_data(tmp_path, fresh_cache, dataset, shape):
   assert len(evals) == 3 and sum(b['mask'].sum() for b in evals) == 24
 
 
+@pytest.mark.parametrize('augment', [False, True])
+def test_tfds_random_access_reads_only_this_process_rows(tmp_path, fresh_cache,
+                                                         monkeypatch, augment):
+  """array_record (mocked): each process decodes exactly its rows; batches as for 1 process."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _data_config(dataset='cifar10', data_dir=str(tmp_path), augment=augment)
+  reads = []
+  read = input_pipeline.RandomAccessImages._read
+  monkeypatch.setattr(input_pipeline.RandomAccessImages, '_read',
+                      lambda self, i: reads.append(i) or read(self, i))
+  with tfds.testing.mock_data(num_examples=24,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    train = input_pipeline.open_split(config, 'train')
+    assert isinstance(train, input_pipeline.RandomAccessImages)
+    assert train.shape == (24, 32, 32, 3) and not reads
+    whole = train[np.arange(24)]
+    reads.clear()
+    # Steps 2..4 of batch 10 straddle the 24-image epochs.
+    one = _take(input_pipeline.train_batches(
+        config, global_batch_size=10, seed=3, start_step=2, process_index=0,
+        process_count=1), 3)
+    order = list(reads)
+    assert len(order) == 30 and sorted(set(order[:10])) != list(range(10))
+    shares = []
+    for p in range(2):
+      reads.clear()
+      shares.append(_take(input_pipeline.train_batches(
+          config, global_batch_size=10, seed=3, start_step=2, process_index=p,
+          process_count=2), 3))
+      assert reads == [i for k in range(3) for i in order[10 * k + 5 * p:10 * k + 5 * p + 5]]
+    for k in range(3):
+      np.testing.assert_array_equal(
+          np.concatenate([shares[0][k]['images'], shares[1][k]['images']]),
+          one[k]['images'])
+      if not augment:
+        np.testing.assert_array_equal(one[k]['images'], whole[order[10 * k:10 * k + 10]])
+    reads.clear()
+    evals = list(input_pipeline.eval_batches(
+        config, 'test', global_batch_size=10, process_index=1, process_count=2))
+  assert reads == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19]  # Padding rows 25..29 unread.
+  assert [int(b['mask'].sum()) for b in evals] == [5, 5, 0]
+
+
+def test_real_array_record_dataset(tmp_path, fresh_cache, monkeypatch):
+  """A tfds dataset really prepared as array_record (no mock) is read where indexed."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class VdmTestImages(tfds.core.GeneratorBasedBuilder):  # Image i is filled with i.
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {'image': tfds.features.Image(shape=(28, 28, 1))}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(0, 40),
+              'test': self._generate_examples(40, 52)}
+
+    def _generate_examples(self, start, stop):
+      for i in range(start, stop):
+        yield i, {'image': np.full((28, 28, 1), i, np.uint8)}
+
+  VdmTestImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  monkeypatch.setitem(input_pipeline._TFDS_SOURCES, 'mnist', input_pipeline._TfdsSource(
+      'vdm_test_images', {'train': 'train', 'test': 'test'}, (28, 28, 1)))
+  config = _data_config(dataset='mnist', data_dir=str(tmp_path))
+  train = input_pipeline.open_split(config, 'train')
+  assert isinstance(train, input_pipeline.RandomAccessImages)
+  values = train[np.arange(40)][:, 0, 0, 0]
+  assert sorted(values) == list(range(40))
+  np.testing.assert_array_equal(input_pipeline.load_split(config, 'train')[:, 0, 0, 0],
+                                values)
+  assert input_pipeline.dataset_info(config).num_test == 12
+  batch = next(input_pipeline.eval_batches(config, 'test', global_batch_size=16,
+                                           process_index=0, process_count=1))
+  assert sorted(batch['images'][batch['mask'], 0, 0, 0]) == list(range(40, 52))
+  config.num_train = 10
+  assert input_pipeline.open_split(config, 'train').shape == (10, 28, 28, 1)
+  np.testing.assert_array_equal(input_pipeline.load_split(config, 'train')[:, 0, 0, 0],
+                                values[:10])
+  config.num_train = 41
+  with pytest.raises(ValueError, match='num_train=41 exceeds the 40 training images'):
+    input_pipeline.open_split(config, 'train')
+
+
+def test_random_access_images_checks_records():
+  good = {'image': np.zeros((4, 4, 1), np.uint8)}
+  images = input_pipeline.RandomAccessImages(
+      [good, {'image': np.zeros((4, 5, 1), np.uint8)},
+       {'image': np.zeros((4, 4, 1), np.int32)}], (4, 4, 1), 'mnist train')
+  assert len(images) == 3 and images[np.array([0, 0])].shape == (2, 4, 4, 1)
+  with pytest.raises(ValueError, match=r'mnist train: record 1 .* shape \(4, 5, 1\)'):
+    images[np.array([0, 1])]
+  with pytest.raises(ValueError, match='record 2 holds a int32 image'):
+    images[np.array([2])]
+  with pytest.raises(IndexError, match='index 3 out of range'):
+    images[np.array([3])]
+  with pytest.raises(TypeError, match='integer indices'):
+    images[np.array([0.0])]
+
+
+def test_tfrecord_tfds_falls_back_to_whole_split(monkeypatch, caplog):
+  monkeypatch.setattr(input_pipeline, '_open_tfds', lambda *args: None)
+  whole = np.zeros((3, 32, 32, 3), np.uint8)
+  monkeypatch.setattr(input_pipeline, 'load_split', lambda config, split: whole)
+  config = _data_config(dataset='cifar10')
+  assert input_pipeline.open_split(config, 'train') is whole
+  assert 'file_format=array_record' not in caplog.text  # One process: nothing to say.
+  monkeypatch.setattr(input_pipeline.jax, 'process_count', lambda: 2)
+  with caplog.at_level('WARNING'):
+    assert input_pipeline.open_split(config, 'test') is whole
+  assert 'every process loads the whole test split' in caplog.text
+  assert 'tfds build cifar10 --file_format=array_record' in caplog.text
+
+
 def test_tfds_not_prepared_says_how(tmp_path, fresh_cache):
   pytest.importorskip('tensorflow_datasets')
   config = _data_config(dataset='cifar10', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match='not prepared in') as e:
     input_pipeline.load_split(config, 'test')
   assert 'download_and_prepare()' in str(e.value)
-  assert f'tfds build cifar10 --data_dir={tmp_path}' in str(e.value)
+  assert (f'tfds build cifar10 --data_dir={tmp_path} --file_format=array_record'
+          in str(e.value))
+  with pytest.raises(FileNotFoundError, match='not prepared in'):  # No data source either.
+    next(input_pipeline.eval_batches(config, 'test', global_batch_size=8))
 
 
 @pytest.mark.parametrize('dataset,res', [('downsampled_imagenet32', '32x32'),

@@ -1,8 +1,12 @@
 """Datasets as uint8 arrays, and deterministic per-process batches (SPEC §1, §8).
 
-Every dataset is loaded whole into host memory as uint8 [N, H, W, C] and cached per
-process, so repeated calls are cheap. That is fine for all datasets here except
-downsampled ImageNet 64x64 (1.28M images, ~15.7 GB per process).
+Reading. A tfds dataset prepared in a random-access format (array_record, e.g.
+`tfds build cifar10 --file_format=array_record`) is read a batch at a time: each
+process reads and decodes only the rows of its own share of each batch. Every other
+dataset is loaded whole into host memory as uint8 [N, H, W, C] and cached per process:
+the in-package ones and `.npz` files, and tfds datasets prepared as TFRecord (tfds'
+default, which allows no random access; a warning says how to convert, since
+downsampled ImageNet 64x64 takes ~15.7 GB per process).
 
 Training order is a function of (seed, step) only: an infinite stream of epochs, epoch
 e being a permutation of the training indices drawn from (seed, e); global batch k is
@@ -34,6 +38,7 @@ import importlib.resources
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -287,19 +292,24 @@ def _not_prepared_message(dataset: str, data_dir: str | None) -> str:
         f'http://image-net.org/small/; tfds checks their sha256) in {manual}/ '
         'and prepare them once with\n'
         '  python -c "import tensorflow_datasets as tfds; '
-        f"tfds.builder('{source.name}', data_dir='{root}').download_and_prepare("
-        f"download_config=tfds.download.DownloadConfig(manual_dir='{manual}'))\"\n"
+        f"tfds.builder('{source.name}', data_dir='{root}', file_format='array_record')"
+        f".download_and_prepare(download_config=tfds.download.DownloadConfig("
+        f"manual_dir='{manual}'))\"\n"
         f'or, where apache_beam is installed, `tfds build {source.name} '
-        f'--data_dir={root} --manual_dir={manual}`. Do not substitute '
+        f'--data_dir={root} --manual_dir={manual} --file_format=array_record` '
+        '(array_record lets each process read only its share). Do not substitute '
         'imagenet_resized: it is a different, easier dataset (SPEC §8).')
   return (
       f'{dataset}: tfds dataset {source.name!r} is not prepared in {root}. On a '
       'machine with network access prepare it once with\n'
       '  python -c "import tensorflow_datasets as tfds; '
-      f"tfds.builder('{source.name}', data_dir='{root}').download_and_prepare()\"\n"
-      f'(or `tfds build {source.name} --data_dir={root}`), then copy '
-      f'{os.path.join(root, source.name)} here, or set data.data_dir to the folder '
-      'that holds it.')
+      f"tfds.builder('{source.name}', data_dir='{root}', file_format='array_record')"
+      '.download_and_prepare()"\n'
+      f'(or `tfds build {source.name} --data_dir={root} --file_format=array_record`), '
+      f'then copy {os.path.join(root, source.name)} here, or set data.data_dir to the '
+      'folder that holds it. (array_record lets each process read only its share of '
+      'each batch; the default TFRecord format makes every process load the whole '
+      'split.)')
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,9 +349,94 @@ def _load_tfds(dataset: str, split: str, data_dir: str | None,
   return images
 
 
+class RandomAccessImages:
+  """A tfds split in a random-access format, read and decoded only where indexed.
+
+  Behaves like the read-only uint8 array [N, H, W, C] of the split for what the
+  batch iterators use: len(), .shape, and images[int_indices] → a new uint8 array.
+  """
+
+  def __init__(self, source, image_shape: tuple, where: str, limit: int | None = None):
+    """`source[i]['image']` is image i; only the first `limit` are used (None: all)."""
+    self._source = source
+    self._image_shape = tuple(image_shape)
+    self._where = where
+    count = len(source) if limit is None else min(limit, len(source))
+    self.shape = (count,) + self._image_shape
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _read(self, index: int) -> np.ndarray:
+    return np.asarray(self._source[index]['image'])
+
+  def __getitem__(self, indices) -> np.ndarray:
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+      raise TypeError('RandomAccessImages takes a 1-D array of integer indices.')
+    out = np.empty((len(indices),) + self._image_shape, np.uint8)
+    for row, index in enumerate(indices):
+      if not 0 <= index < len(self):
+        raise IndexError(f'index {index} out of range for {len(self)} images.')
+      image = self._read(int(index))
+      if image.dtype != np.uint8 or image.shape != self._image_shape:
+        raise ValueError(
+            f'{self._where}: record {index} holds a {image.dtype} image of shape '
+            f'{image.shape}, expected uint8 {self._image_shape}; rebuild the dataset '
+            'with tfds.')
+      out[row] = image
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _open_tfds(dataset: str, split: str, data_dir: str | None,
+               limit: int | None) -> RandomAccessImages | None:
+  """The split as RandomAccessImages, or None where its file format has no random access."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = _TFDS_SOURCES[dataset]
+  builder = tfds.builder(source.name, data_dir=data_dir)
+  try:
+    records = builder.as_data_source(split=source.splits[split])
+  except (NotImplementedError, ValueError):  # TFRecord, or not prepared at all.
+    return None
+  if len(records) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'{dataset} {split}: the split holds no images; rebuild it with '
+                     f'`tfds build {source.name} --file_format=array_record`.')
+  if limit is not None and limit > len(records):
+    raise ValueError(
+        f'data.num_train={limit} exceeds the {len(records)} training images of '
+        f'{dataset}; lower it or set it to None for all.')
+  return RandomAccessImages(records, source.shape, f'{dataset} {split}', limit)
+
+
+def open_split(data_config, split: str) -> 'np.ndarray | RandomAccessImages':
+  """A split to index a batch at a time: RandomAccessImages where tfds allows it.
+
+  tfds datasets prepared as array_record are read only where indexed, so each
+  process reads only its own rows; everything else is `load_split`'s whole array.
+  """
+  dataset = _dataset_name(data_config)
+  _check_split(split)
+  if dataset not in _TFDS_SOURCES:
+    return load_split(data_config, split)
+  limit = _num_train_limit(data_config) if split == 'train' else None
+  images = _open_tfds(dataset, split, _field(data_config, 'data_dir'), limit)
+  if images is None:
+    if jax.process_count() > 1:
+      name = _TFDS_SOURCES[dataset].name
+      logging.warning(
+          '%s is stored as TFRecord, which allows no random access, so every process '
+          'loads the whole %s split. Prepare it with `tfds build %s '
+          '--file_format=array_record` (or file_format=\'array_record\' in '
+          'tfds.builder) so that each process reads only its share.', dataset, split,
+          name)
+    return load_split(data_config, split)
+  return images
+
+
 def clear_cache() -> None:
   """Forgets every loaded dataset (e.g. after tests that mock tfds)."""
-  for fn in (_load_mnist_embedded, _load_digits, _load_npz, _load_tfds):
+  for fn in (_load_mnist_embedded, _load_digits, _load_npz, _load_tfds, _open_tfds):
     fn.cache_clear()
 
 
@@ -365,7 +460,11 @@ def load_split(data_config, split: str) -> np.ndarray:
   elif dataset == 'npz':
     images = _load_npz(*_npz_key(data_config))[split]
   else:
-    images = _load_tfds(dataset, split, _field(data_config, 'data_dir'), limit)
+    records = _open_tfds(dataset, split, _field(data_config, 'data_dir'), limit)
+    if records is None:
+      images = _load_tfds(dataset, split, _field(data_config, 'data_dir'), limit)
+    else:  # array_record: tfds' as_dataset cannot read it.
+      images = records[np.arange(len(records))]
   if limit is not None:
     if limit > len(images):
       raise ValueError(
@@ -397,7 +496,7 @@ def dataset_info(data_config) -> DatasetInfo:
   elif dataset == 'digits':
     shape, counts = (8, 8, 1), [_DIGITS_NUM_TRAIN, 1797 - _DIGITS_NUM_TRAIN]
   if counts is None:
-    train, test = load_split(data_config, 'train'), load_split(data_config, 'test')
+    train, test = open_split(data_config, 'train'), open_split(data_config, 'test')
     shape, counts = train.shape[1:], [len(train), len(test)]
   elif limit is not None:
     if limit > counts[0]:
@@ -465,7 +564,7 @@ def train_batches(data_config, *, global_batch_size: int, seed: int,
   local_b = _local_batch_size(global_batch_size, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
-  images = load_split(data_config, 'train')
+  images = open_split(data_config, 'train')
   n = len(images)
   if n < global_batch_size:
     raise ValueError(
@@ -530,7 +629,7 @@ def eval_batches(data_config, split: str, *, global_batch_size: int,
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
   local_b = _local_batch_size(global_batch_size, process_count)
-  images = load_split(data_config, split)
+  images = open_split(data_config, split)
   total = len(images)
   if num_examples is None:
     num_examples = total
