@@ -123,6 +123,13 @@ def _num_train_limit(data_config) -> int | None:
   return None if limit is None else int(limit)
 
 
+def _check_num_train(limit: int | None, available: int, dataset: str) -> None:
+  if limit is not None and limit > available:
+    raise ValueError(
+        f'data.num_train={limit} exceeds the {available} training images of '
+        f'{dataset}; lower it or set it to None for all.')
+
+
 def _check_split(split: str) -> None:
   if split not in SPLITS:
     raise ValueError(f'split={split!r}: must be one of {SPLITS}.')
@@ -402,10 +409,7 @@ def _open_tfds(dataset: str, split: str, data_dir: str | None,
   if len(records) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'{dataset} {split}: the split holds no images; rebuild it with '
                      f'`tfds build {source.name} --file_format=array_record`.')
-  if limit is not None and limit > len(records):
-    raise ValueError(
-        f'data.num_train={limit} exceeds the {len(records)} training images of '
-        f'{dataset}; lower it or set it to None for all.')
+  _check_num_train(limit, len(records), dataset)
   return RandomAccessImages(records, source.shape, f'{dataset} {split}', limit)
 
 
@@ -466,10 +470,7 @@ def load_split(data_config, split: str) -> np.ndarray:
     else:  # array_record: tfds' as_dataset cannot read it.
       images = records[np.arange(len(records))]
   if limit is not None:
-    if limit > len(images):
-      raise ValueError(
-          f'data.num_train={limit} exceeds the {len(images)} training images of '
-          f'{dataset}; lower it or set it to None for all.')
+    _check_num_train(limit, len(images), dataset)
     images = images[:limit]
   images = images.view()
   images.setflags(write=False)
@@ -499,10 +500,7 @@ def dataset_info(data_config) -> DatasetInfo:
     train, test = open_split(data_config, 'train'), open_split(data_config, 'test')
     shape, counts = train.shape[1:], [len(train), len(test)]
   elif limit is not None:
-    if limit > counts[0]:
-      raise ValueError(
-          f'data.num_train={limit} exceeds the {counts[0]} training images of '
-          f'{dataset}; lower it or set it to None for all.')
+    _check_num_train(limit, counts[0], dataset)
     counts[0] = limit
   return DatasetInfo(name=dataset, height=shape[0], width=shape[1],
                      channels=shape[2], vocab_size=vocab_size,
