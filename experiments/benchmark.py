@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from vdm_jax import build
 from vdm_jax import conv
-from vdm_jax import input_pipeline
+from vdm_jax import datasets
 from vdm_jax import networks
-from vdm_jax import optim
 from vdm_jax import parallel
 from vdm_jax import sampling
 from vdm_jax import train
@@ -64,17 +64,20 @@ flags.DEFINE_enum('matmul_dtype', 'float32', ['float32', 'bfloat16'],
                   'the bfloat16 rate).')
 flags.DEFINE_string('out', None, 'Write the JSON here.')
 
-_SHAPES = {'cifar10': (32, 32, 3), 'mnist': (28, 28, 1), 'mnist_embedded': (28, 28, 1),
-           'digits': (8, 8, 1), 'downsampled_imagenet32': (32, 32, 3),
-           'downsampled_imagenet64': (64, 64, 3)}
-
-
 def image_shape(config):
-  """The data's [H, W, C], without needing the data where it is a known dataset."""
-  if config.data.dataset in _SHAPES:
-    return _SHAPES[config.data.dataset]
-  info = input_pipeline.dataset_info(config.data)
-  return (info.height, info.width, info.channels)
+  """The data's [H, W, C], without reading the data where the registry knows it."""
+  shape = datasets.get(config.data.dataset).shape
+  if shape is None:
+    info = datasets.dataset_info(config.data)
+    shape = (info.height, info.width, info.channels)
+  return tuple(shape)
+
+
+def build_run(config, mesh, shape, batch: int):
+  """The run of `config` at global batch `batch` on synthetic data of `shape`."""
+  config = config.copy_and_resolve_references()
+  config.training.batch_size = config.eval.batch_size = batch
+  return build.build(config, mesh, image_shape=shape)
 
 
 def timed(fn, repeats: int) -> float:
@@ -148,11 +151,10 @@ def _synthetic_batch(shape, batch, vocab, steps):
 
 def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
   """images/s of the train call (steps_per_call steps per dispatch), FLOPs per step."""
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
+  run = build_run(config, mesh, shape, batch)
   steps = config.training.steps_per_call
-  call = train.make_train_call(model, tx, config, mesh)
-  state = train.create_train_state(config, model, tx, mesh, shape)
+  call = train.make_train_call(run.model, run.tx, run.config, mesh)
+  state = run.init_state()
   memory = train_memory(config, mesh, shape, batch)
   flops = count_train_flops(config, shape, batch)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, steps)
@@ -171,10 +173,9 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
 
 def lower_train_step(config, mesh, shape, batch: int):
   """The train call lowered for one step (nothing is compiled or run)."""
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
-  call = train.make_train_call(model, tx, config, mesh)
-  state = train.create_train_state(config, model, tx, mesh, shape, abstract=True)
+  run = build_run(config, mesh, shape, batch)
+  call = train.make_train_call(run.model, run.tx, run.config, mesh)
+  state = run.abstract_state()
   spec = jax.ShapeDtypeStruct((1, batch) + tuple(shape), jnp.uint8,
                               sharding=parallel.batch_sharding(mesh, 1))
   cond = jax.ShapeDtypeStruct((1, batch), jnp.float32,
@@ -216,10 +217,8 @@ def _counting_model(config, shape):
   """(counting mesh, model, abstract parameters on it) for counting_config(config)."""
   cmesh = counting_mesh()
   config = counting_config(config)
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, 1)
-  params = train.create_train_state(config, model, tx, cmesh, shape, abstract=True).params
-  return cmesh, model, params
+  run = build_run(config, cmesh, shape, 1)
+  return cmesh, run.model, run.abstract_state().params
 
 
 def _abstract_key(mesh):
@@ -235,9 +234,8 @@ def train_memory(config, mesh, shape, batch: int) -> dict:
 def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   """images/s of the evaluation step (one draw per image), FLOPs per batch."""
   from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, 1)
-  params = train.create_train_state(config, model, tx, mesh, shape).params
+  run = build_run(config, mesh, shape, batch)
+  model, params = run.model, run.init_state().params
   step = evaluate.make_eval_step(model, mesh, 1, None)
   local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
   data = {'images': parallel.global_array(mesh, local['images'][0]),
@@ -252,9 +250,8 @@ def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
 
 def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
   """Seconds for `num` samples with T steps; FLOPs = T × one network evaluation."""
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, 1)
-  params = train.create_train_state(config, model, tx, mesh, shape).params
+  run = build_run(config, mesh, shape, mesh.devices.size)
+  model, params = run.model, run.init_state().params
   sampler = sampling.make_sampler(model, (num,) + tuple(shape), timesteps, mesh=mesh)
   key = jax.random.key(0)
   flops = count_sampler_flops(config, shape, num, timesteps)

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from vdm_jax import input_pipeline
+from vdm_jax import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'eval_results.json'
@@ -106,7 +106,7 @@ def model_row(workdir: str, num_images: int, split: str):
 def compare(config, workdir=None) -> dict:
   """Codec and model bpd on the evaluation images of `config`; JSON-ready."""
   split = config.eval.split
-  images = input_pipeline.load_split(config.data, split)
+  images = datasets.load_split(config.data, split)
   if config.eval.num_examples is not None:
     images = images[:config.eval.num_examples]
   rows = []

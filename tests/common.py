@@ -105,8 +105,8 @@ def run_cli(*args, devices: int = 1, timeout: int = 600, env=None):
 
 def params_of(workdir, config, which='params'):
   """The newest checkpoint's params (or ema_params) as numpy, restored on 1 device."""
-  from vdm_jax import train  # pylint: disable=g-import-not-at-top
-  _, state, _, _ = train.restore_for_inference(config, str(workdir))
+  from vdm_jax import build  # pylint: disable=g-import-not-at-top
+  _, state = build.restore(config, str(workdir))
   return jax.tree.map(lambda x: __import__('numpy').asarray(x), getattr(state, which))
 
 

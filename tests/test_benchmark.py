@@ -1,7 +1,11 @@
 """experiments/benchmark.py on the tiny test config: every figure present and consistent."""
 
-import common
 import jax
+import pytest
+
+import common
+
+pytestmark = pytest.mark.slow  # each test compiles and times whole models
 
 benchmark = common.load_experiment('benchmark.py')
 
@@ -56,10 +60,8 @@ def test_flops_count_every_convolution_and_little_else():
   config.model.n_embd = 32  # convolution-dominated, as the real models are
   shape = benchmark.image_shape(config)
   batch = 8
-  model = benchmark.train.make_model(config)
-  tx = benchmark.optim.make_optimizer(config.optimizer, 1)
-  params = benchmark.train.create_train_state(
-      config, model, tx, benchmark.counting_mesh(), shape, abstract=True).params
+  params = benchmark.build_run(config, benchmark.counting_mesh(), shape,
+                               batch).abstract_state().params
   kernels = [p.shape for p in jax.tree_util.tree_leaves(params)
              if len(p.shape) == 4 and p.shape[:2] == (3, 3)]
   assert len(kernels) >= 4

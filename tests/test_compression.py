@@ -9,6 +9,7 @@ import pytest
 import common
 from vdm_jax import config_base
 from vdm_jax import input_pipeline
+from vdm_jax import datasets
 
 compression = common.load_experiment('codec_compare.py')
 
@@ -22,7 +23,7 @@ def _digits_config(num_examples=8):
 
 @pytest.mark.parametrize('codec', list(compression.CODECS))
 def test_codec_bpd_is_positive_finite_and_lossless(codec):
-  images = input_pipeline.load_split(_digits_config().data, 'test')[:8]
+  images = datasets.load_split(_digits_config().data, 'test')[:8]
   for image in images:
     assert np.array_equal(compression.decode(compression.encode(image, codec), 1), image)
   bpd = compression.codec_bpd(images, codec)

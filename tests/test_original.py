@@ -23,11 +23,13 @@ import optax
 import pytest
 
 import common
+from vdm_jax import build
 from vdm_jax import checkpoints
 from vdm_jax import original
 from vdm_jax import train
 from vdm_jax import validation
 from vdm_jax import vdm
+from vdm_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 123
@@ -111,7 +113,8 @@ def imported(request, tmp_path_factory):
   # The linear variant reads the data's shape from the config; the nnet one is given it.
   shape = None if variant == 'linear' else IMAGE_SHAPE
   written = original.import_checkpoint(config, folder, workdir, image_shape=shape)
-  _, state, _, image_shape = train.restore_for_inference(config, workdir)
+  run, state = build.restore(config, workdir)
+  image_shape = run.image_shape
   return dict(variant=variant, config=config, model=model, params=params, ema=ema,
               folder=folder, workdir=workdir, written=written, state=state,
               image_shape=image_shape)
@@ -137,9 +140,9 @@ def test_import_restores_params_and_ema_bitwise(imported):
 def test_import_restores_step_and_writes_config(imported):
   assert int(jax.device_get(imported['state'].step)) == STEP
   assert imported['written'] == os.path.join(
-      os.path.abspath(imported['workdir']), checkpoints.CHECKPOINT_DIR)
+      os.path.abspath(imported['workdir']), workdir_lib.CHECKPOINT_DIR)
   assert imported['image_shape'] == IMAGE_SHAPE
-  saved = train.load_saved_config(imported['workdir'])
+  saved = workdir_lib.Workdir(imported['workdir']).read_config()
   assert saved is not None
   assert not validation.config_difference(saved, imported['config'])
   assert saved['model']['schedule'] == imported['config'].model.schedule

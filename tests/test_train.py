@@ -10,9 +10,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 import common
+from vdm_jax import build
+from vdm_jax import datasets
+from vdm_jax import evaluate
 from vdm_jax import input_pipeline
 from vdm_jax import optim
 from vdm_jax import parallel
+from vdm_jax import sampling
 from vdm_jax import train
 
 
@@ -70,13 +74,14 @@ def test_stop_and_resume_is_bit_identical(reference_run, tmp_path):
 
 _MULTI_DEVICE = r'''
 import json, jax, numpy as np, common
-from vdm_jax import input_pipeline, parallel, train, evaluate
+from vdm_jax import build, evaluate, input_pipeline, parallel, train
 cfg = common.load_config('test')
 out = {}
 for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   mesh = parallel.make_mesh(devices)
-  _, info, model, tx, shape = train.setup(cfg, '/nonexistent', mesh)
-  state = train.create_train_state(cfg, model, tx, mesh, shape)
+  run = build.build(cfg, mesh)
+  info, model, tx = run.info, run.model, run.tx
+  state = run.init_state()
   call = train.make_train_call(model, tx, cfg, mesh)
   batch = next(input_pipeline.train_batches(cfg.data, global_batch_size=8, seed=0))
   gb = {k: parallel.global_array(mesh, v[None], 1) for k, v in batch.items()}
@@ -117,7 +122,7 @@ def test_one_step_same_on_1_and_8_devices(eight_devices):
 @pytest.mark.slow
 def test_eval_counts_every_image_once(eight_devices):
   out, _ = eight_devices
-  num_test = input_pipeline.dataset_info(common.load_config('test').data).num_test
+  num_test = datasets.dataset_info(common.load_config('test').data).num_test
   expected = {'24/None': num_test, '16/7': 7}
   for devices in ('1', '8'):
     for key, n in expected.items():
@@ -204,13 +209,13 @@ def test_tfds_dataset_through_mock_data(tmp_path):
   cfg.model.vocab_size = 256
   cfg.eval.num_examples = 16
   cfg.eval.batch_size = 8
-  input_pipeline.clear_cache()
+  datasets.clear_cache()
   try:
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
       state = train.train_and_evaluate(cfg, str(tmp_path))
-      results = train.evaluate_workdir(cfg, str(tmp_path))
+      results = evaluate.evaluate_workdir(cfg, str(tmp_path))
   finally:
-    input_pipeline.clear_cache()
+    datasets.clear_cache()
   assert int(state.step) == 2
   assert state.params['score_model']['conv_in']['kernel'].shape[2] == 1 + 2 * 2  # 28x28x1
   assert results['num_examples'] == 16 and math.isfinite(results['bpd'])
@@ -219,7 +224,7 @@ def test_tfds_dataset_through_mock_data(tmp_path):
 @pytest.mark.slow
 def test_sample_mode_writes_a_png(reference_run):
   cfg, workdir, _ = reference_run
-  path = train.sample_workdir(cfg, str(workdir))
+  path = sampling.sample_workdir(cfg, str(workdir))
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = np.asarray(Image.open(path))
   assert img.ndim == 2 and img.shape[0] >= 2 * 8  # a grid of 4 samples of 8x8

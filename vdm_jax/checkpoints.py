@@ -7,7 +7,6 @@ skipped. Restoring takes the target shardings from the current mesh, so a checkp
 written on 8 devices restores on 1 and vice versa.
 """
 
-import os
 from typing import Any, Optional
 
 from absl import logging
@@ -16,28 +15,29 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = 'checkpoints'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """No checkpoint of the workdir can be used; the message says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """The checkpoint holds a different model (names or shapes) than the config builds."""
 
 
-def make_manager(workdir: str, keep: int = 3, asynchronous: bool = True
-                 ) -> ocp.CheckpointManager:
+def make_manager(workdir, keep: int = 3, asynchronous: bool = True,
+                 create: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.workdir.Workdir)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler()})
+      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous)
+  return ocp.CheckpointManager(workdir.checkpoint_dir.absolute(), options=options,
+                               item_handlers={'state': ocp.StandardCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         force: bool = True) -> None:
-  """Starts an (asynchronous) save of `state` with JSON metadata `meta`."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Starts an (asynchronous) save of `state` at `step`."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+               force=True)
 
 
 def _flat_shapes(tree) -> dict:
@@ -76,15 +76,16 @@ def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
   return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
-                   ) -> tuple[Optional[Any], Optional[dict]]:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   set_aside: bool = True) -> Optional[Any]:
   """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
   A damaged checkpoint (unreadable files) is reported and the previous one tried; once
   one restores, the damaged newer ones are set aside (renamed `<step>.damaged`), so
   that training can write those steps again and orbax never keeps them in place of
   good ones. A checkpoint of a different model raises CheckpointMismatchError naming
-  the parameters. Returns (state, meta), or (None, None) when there is no checkpoint.
+  the parameters. Returns the state, or None when there is no checkpoint. Readers that
+  do not own the workdir (evaluation, sampling) pass set_aside=False and rename nothing.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   expected = _flat_shapes(abstract_state.params)
@@ -100,21 +101,23 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
             '(saved as config.json beside it), or another --workdir.')
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
                     'trying the previous one.', step, manager.directory,
                     type(e).__name__, e)
       damaged.append(step)
       continue
-    _set_aside(manager, damaged)
+    if set_aside:
+      _set_aside(manager, damaged)
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
-    return restored['state'], dict(restored['meta'])
+    return restored['state']
   if steps:
-    raise RuntimeError(f'None of the checkpoints {sorted(steps)} in {manager.directory} '
-                       'could be restored (see the errors above). Move the folder aside '
-                       'to start afresh.')
-  return None, None
+    raise CheckpointError(
+        f'None of the checkpoints {sorted(steps)} in {manager.directory} could be restored '
+        '(each error is logged above); nothing was changed. Restore the folder from a '
+        'copy, or move it aside to start afresh.')
+  return None
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
@@ -123,12 +126,12 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     return
   if jax.process_index() == 0:
     for step in steps:
-      path = os.path.join(manager.directory, str(step))
-      target, n = f'{path}.damaged', 1
-      while os.path.exists(target):
-        target, n = f'{path}.damaged{n}', n + 1
+      path = manager.directory / str(step)
+      target, n = path.parent / f'{step}.damaged', 1
+      while target.exists():
+        target, n = path.parent / f'{step}.damaged{n}', n + 1
       try:
-        os.rename(path, target)
+        path.rename(target)
         logging.warning('Moved the damaged checkpoint at step %d to %s.', step, target)
       except OSError as e:
         logging.error('Could not move the damaged checkpoint %s aside: %s', path, e)

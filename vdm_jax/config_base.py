@@ -79,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.eval_every = 50_000  # Steps between evaluations while training; 0 = never.
   training.sample_every = 50_000  # Steps between sample grids while training; 0 = never.
   training.skip_nonfinite = False  # Skip steps with a non-finite loss or gradient instead of stopping.
+  training.max_skipped_fraction = 0.1  # With skip_nonfinite: stop when more than this fraction of a run's steps were skipped.
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()

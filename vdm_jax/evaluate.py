@@ -1,4 +1,4 @@
-"""The variational bound on a whole split: K draws per image, standard errors (§3).
+"""The variational bound on a whole split: K draws per image, standard errors (docs/maths.md §3).
 
 One deterministic pass in dataset order, each image exactly once (the last batch
 padded and masked), K independent (t, ε) draws per image whose mean is the image's
@@ -6,21 +6,21 @@ estimate; the reported bpd is the mean over images with its standard error. Term
 are reported beside it, and optionally the discrete-time bound L_T for given T.
 """
 
-import json
 import math
-import os
 from typing import Any, Optional, Sequence
 
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm_jax import build as build_lib
 from vdm_jax import input_pipeline
 from vdm_jax import parallel
 from vdm_jax import vdm
+from vdm_jax import workdir as workdir_lib
 
 TERMS = ('bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff')
-RESULTS_FILE = 'eval_results.json'
 
 
 def make_eval_step(model: vdm.VDM, mesh, num_draws: int, timesteps: Optional[int]):
@@ -59,7 +59,6 @@ def evaluate(model: vdm.VDM, params: Any, config, mesh, *,
   """
   ev = config.eval
   split = split or ev.split
-  parallel.check_batch_divides(ev.batch_size, mesh, 'eval.batch_size')
   key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
   results = {}
   for timesteps in timesteps_list:
@@ -86,13 +85,29 @@ def evaluate(model: vdm.VDM, params: Any, config, mesh, *,
   return own
 
 
-def write_results(workdir: str, results: dict, step: int) -> str:
-  """Writes eval_results.json (latest) and eval_results_<step>.json in the workdir."""
-  payload = dict(results, step=int(step))
-  for name in (RESULTS_FILE, f'eval_results_{int(step)}.json'):
-    path = os.path.join(workdir, name)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  return os.path.join(workdir, RESULTS_FILE)
+def evaluate_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir,
+                       writer=None) -> dict:
+  """The bound of `state` (its EMA or raw parameters), written to the workdir's JSON."""
+  config, step = run.config, int(jax.device_get(state.step))
+  timesteps = [None] + [int(t) for t in config.eval.discrete_timesteps]
+  results = evaluate(run.model, run.eval_params(state), config, run.mesh,
+                     timesteps_list=timesteps)
+  results.update(params='ema' if config.eval.use_ema else 'raw', step=step)
+  wd.write_results(results, step)
+  if writer is not None:
+    scalars = {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)}
+    scalars.update({f'eval/bpd_T{t}': v for t, v in results.get('discrete', {}).items()})
+    writer.write_scalars(step, scalars)
+  return results
+
+
+def evaluate_workdir(config, workdir, mesh=None) -> dict:
+  """--mode=eval: the bound of the workdir's newest checkpoint, written beside it."""
+  wd = workdir_lib.Workdir(workdir)
+  run, state = build_lib.restore(config, wd, mesh)
+  writer = metric_writers.create_default_writer(str(wd.path),
+                                                just_logging=jax.process_index() > 0)
+  try:
+    return evaluate_and_write(run, state, wd, writer)
+  finally:
+    writer.flush()

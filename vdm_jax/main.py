@@ -1,12 +1,14 @@
-r"""Command line: train, evaluate, sample (and import the original checkpoints).
+r"""Command line: train, evaluate, sample, and import the original checkpoints.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=train
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval \
       --config.eval.num_draws=4
 
 The workdir is a fixed place: the same command run again resumes from its newest
-checkpoint. `--config.a.b=value` overrides any field (the config is locked: a typo is
-an error).
+checkpoint. `--config.a.b=value` overrides any field (the config is locked: a typo is an
+error). Exit status: 0 done; 2 a fault of input or environment, with a message that says
+what to fix (--verbose adds the traceback); 75 stopped by SIGTERM/SIGINT after a
+checkpoint (run the same command again).
 """
 
 import json
@@ -19,28 +21,29 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from vdm_jax import checkpoints
+from vdm_jax import evaluate
+from vdm_jax import errors
 from vdm_jax import original
 from vdm_jax import parallel
+from vdm_jax import sampling
 from vdm_jax import train
-from vdm_jax import validation
-
-MODES = ('train', 'eval', 'sample', 'import_original')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Fixed directory for checkpoints, logs, results.')
-flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+flags.DEFINE_enum('mode', 'train', ('train', 'eval', 'sample', 'import_original'),
+                  'What to do.')
 flags.DEFINE_bool('allow_config_change', False,
-                  'Resume a workdir although its saved config defines another model.')
+                  'Resume training although the saved config defines another model.')
 flags.DEFINE_string('original_checkpoint', None,
-                    'For --mode=import_original: the original code\'s checkpoints-0/ '
-                    'folder or a ckpt-N.flax file in it.')
+                    "For --mode=import_original: the original code's checkpoints-0/ folder "
+                    'or a ckpt-N.flax file in it.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of every error.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
+flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,47 +55,62 @@ def _quiet_orbax_info() -> None:
   logging.get_absl_handler().addFilter(_Filter())
 
 
+def _train(config):
+  train.train_and_evaluate(config, FLAGS.workdir,
+                           allow_config_change=FLAGS.allow_config_change)
+  logging.info('Training finished.')
+
+
+def _eval(config):
+  results = evaluate.evaluate_workdir(config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(f"test bpd {results['bpd']:.4f} ± {results['bpd_stderr']:.4f} "
+          f"({results['num_examples']} images of split {results['split']!r}, "
+          f"{results['num_draws']} draw(s) each, step {results['step']})")
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
+def _sample(config):
+  path = sampling.sample_workdir(config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(f'samples written to {path}')
+
+
+def _import_original(config):
+  if not FLAGS.original_checkpoint:
+    raise app.UsageError('--mode=import_original needs --original_checkpoint=PATH.')
+  path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
+  print(f'imported {FLAGS.original_checkpoint} into {path}')
+
+
+MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
+         'import_original': _import_original}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_orbax_info()
-  config = FLAGS.config
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
+  with errors.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
+    MODES[FLAGS.mode](FLAGS.config)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a message instead of a traceback for a bad --config."""
   try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir,
-                               allow_config_change=FLAGS.allow_config_change)
-      logging.info('Training finished.')
-    elif FLAGS.mode == 'eval':
-      results = train.evaluate_workdir(config, FLAGS.workdir)
-      if jax.process_index() == 0:
-        print(f"test bpd {results['bpd']:.4f} ± {results['bpd_stderr']:.4f} "
-              f"({results['num_examples']} images of split {results['split']!r}, "
-              f"{results['num_draws']} draw(s) each, step {results.get('step', '?')})")
-        print(json.dumps(results, indent=2, sort_keys=True))
-    elif FLAGS.mode == 'sample':
-      path = train.sample_workdir(config, FLAGS.workdir)
-      if jax.process_index() == 0:
-        print(f'samples written to {path}')
-    elif FLAGS.mode == 'import_original':
-      if not FLAGS.original_checkpoint:
-        raise app.UsageError('--mode=import_original needs --original_checkpoint=PATH.')
-      path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
-      print(f'imported {FLAGS.original_checkpoint} into {path}')
-  except train.Preempted as e:
-    logging.warning('%s', e)
-    print(str(e), file=sys.stderr)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (validation.ConfigError, FileNotFoundError, FileExistsError,
-          checkpoints.CheckpointMismatchError, original.OriginalCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    return FLAGS(argv)
+  except flags.Error as e:
+    errors.exit_with(str(e), verbose='--verbose' in argv)
+  except Exception as e:  # pylint: disable=broad-except  # the config file itself raised
+    errors.exit_with(errors.describe_config_error(e, argv), verbose='--verbose' in argv,
+                     exc=e)
 
 
 def run():
   """Console-script entry point (`vdm_jax ...`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

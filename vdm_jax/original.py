@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm_jax import build as build_lib
 from vdm_jax import checkpoints
-from vdm_jax import optim
-from vdm_jax import parallel
-from vdm_jax import train
 from vdm_jax import train_state
-from vdm_jax import validation
+from vdm_jax import workdir as workdir_lib
+from vdm_jax import workdir_lock
 
 REQUIRED_KEYS = ('step', 'params', 'ema_params')
 _CKPT_FILE = re.compile(r'^ckpt-(\d+)\.flax$')
@@ -215,59 +214,49 @@ def _to_global(host_tree: Any, abstract_tree: Any) -> Any:
 
 
 # ------------------------------------------------------------------ import
-def _has_checkpoints(workdir: str) -> bool:
-  folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
-  return os.path.isdir(folder) and bool(os.listdir(folder))
-
-
-def import_checkpoint(config, path, workdir: str,
-                      image_shape: Optional[tuple] = None) -> str:
+def import_checkpoint(config, path, workdir, image_shape: Optional[tuple] = None) -> str:
   """Writes an original checkpoint into `workdir` as our checkpoint; returns its folder.
 
-  params, ema_params and step are taken over (checked name by name and shape by
-  shape against the model `config.model` builds). The original's opt_state (optax of
-  another layout) is NOT carried over: the optimiser state is fresh, so continuing
-  training restarts Adam's moments and the learning-rate warm-up. Also writes
-  workdir/config.json, so `--mode=eval` and `--mode=sample` work on the workdir.
-  `image_shape` (H, W, C) replaces reading the dataset's shape (tests).
-  Refuses a workdir that already holds checkpoints (FileExistsError).
+  params, ema_params and step are taken over (checked name by name and shape by shape
+  against the model `config.model` builds). The original's opt_state (optax of another
+  layout) is NOT carried over: the optimiser state is fresh, so continuing training
+  restarts Adam's moments and the learning-rate warm-up. Also writes config.json, so
+  `--mode=eval` and `--mode=sample` work on the workdir. `image_shape` (H, W, C) replaces
+  reading the dataset's shape. Refuses a workdir that already holds checkpoints.
   """
-  if _has_checkpoints(workdir):
-    raise FileExistsError(
-        f'{os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} already holds checkpoints; '
-        'import into a new --workdir (or move that folder aside).')
-  mesh = parallel.make_mesh()
-  if image_shape is None:
-    info = validation.validate(config, mesh=mesh)
-    image_shape = (info.height, info.width, info.channels)
-  else:
-    errors = validation.check_fields(config)
-    if errors:
-      raise validation.ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+  wd = workdir_lib.Workdir(workdir)
+  run = build_lib.build(config, image_shape=image_shape)
+  if wd.has_checkpoint():
+    raise FileExistsError(f'{wd.checkpoint_dir} already holds checkpoints; import into a '
+                          'new --workdir (or move that folder aside).')
   original = read_original(path)
-  model = train.make_model(config)
-  tx = optim.make_optimizer(config.optimizer, config.training.num_steps)
-  abstract = train.create_train_state(config, model, tx, mesh, image_shape, abstract=True)
+  abstract = run.abstract_state()
   params = match_params(original['params'], abstract.params, 'params', original['file'])
   ema_params = match_params(original['ema_params'], abstract.ema_params, 'ema_params',
                             original['file'])
+  for name, tree in (('params', params), ('ema_params', ema_params)):
+    bad = ['/'.join(k) for k, v in _flat(tree).items() if not np.all(np.isfinite(v))]
+    if bad:
+      raise OriginalCheckpointError(
+          f'{original["file"]}: {name} holds non-finite values (NaN or Inf) in '
+          f'{len(bad)} array(s), e.g. {", ".join(bad[:3])}; the checkpoint is damaged or '
+          'from a diverged run. Nothing was imported.')
   step = original['step']
   params = _to_global(params, abstract.params)
-  ema_params = _to_global(ema_params, abstract.ema_params)
-  rep = parallel.replicated(mesh)
   state = train_state.TrainState(
       step=_to_global(np.asarray(step, np.int32), abstract.step), params=params,
-      opt_state=jax.jit(tx.init, out_shardings=rep)(params), ema_params=ema_params)
-
-  os.makedirs(workdir, exist_ok=True)
-  manager = checkpoints.make_manager(workdir, keep=config.training.keep_checkpoints)
-  try:
-    checkpoints.save(manager, step, state,
-                     dict(step=step, data_position=step, imported_from=original['file']))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
-  train._write_config(workdir, config)  # pylint: disable=protected-access
+      opt_state=jax.jit(run.tx.init, out_shardings=run.replicated)(params),
+      ema_params=_to_global(ema_params, abstract.ema_params))
+  wd.create()
+  with workdir_lock.hold(wd):
+    manager = checkpoints.make_manager(wd, keep=config.training.keep_checkpoints,
+                                       create=True)
+    try:
+      checkpoints.save(manager, step, state)
+      manager.wait_until_finished()
+    finally:
+      manager.close()
+    wd.write_config(config)
   logging.info('Imported %s (step %d) into %s; the optimiser state starts afresh.',
-               original['file'], step, manager.directory)
-  return os.fspath(manager.directory)
+               original['file'], step, wd.checkpoint_dir)
+  return str(wd.checkpoint_dir)

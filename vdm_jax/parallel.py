@@ -56,16 +56,6 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS))
 
 
-def check_batch_divides(batch_size: int, mesh: Mesh, what: str) -> None:
-  """A clear error when a global batch does not split evenly over devices and hosts."""
-  n = mesh.devices.size
-  if batch_size % n:
-    raise ValueError(
-        f'{what} = {batch_size} does not divide over the {n} devices of the mesh '
-        f'({jax.process_count()} process(es)); choose a multiple of {n}, e.g. '
-        f'{max(n, batch_size // n * n)} or {(batch_size // n + 1) * n}.')
-
-
 def global_array(mesh: Mesh, local: np.ndarray, leading_axes: int = 0) -> jax.Array:
   """This process's rows of a batch → one global array sharded on 'data'."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh, leading_axes), local)

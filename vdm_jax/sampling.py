@@ -1,16 +1,17 @@
-"""Drawing samples from a trained VDM and saving them as an image grid (§7)."""
+"""Drawing samples from a trained VDM and saving them as an image grid (docs/maths.md §7)."""
 
 import math
-import os
 from typing import Any, Optional
 
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from vdm_jax import build as build_lib
 from vdm_jax import parallel
 from vdm_jax import vdm
+from vdm_jax import workdir as workdir_lib
 
 
 def make_sampler(model: vdm.VDM, shape, timesteps: int, decode: str = 'argmax',
@@ -51,32 +52,32 @@ def make_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
   return grid
 
 
-def save_png(grid: np.ndarray, path: str, scale: int = 1) -> str:
-  img = grid[..., 0] if grid.shape[-1] == 1 else grid
-  image = Image.fromarray(img)
-  if scale > 1:
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  tmp = path + '.tmp.png'
-  image.save(tmp)
-  os.replace(tmp, path)
-  return path
-
-
-def sample_and_save(model: vdm.VDM, params: Any, config, image_shape, workdir: str,
-                    step: int, mesh=None, writer=None, key: Optional[jax.Array] = None
-                    ) -> tuple[np.ndarray, str]:
+def sample_and_save(run: build_lib.Run, params: Any, wd: workdir_lib.Workdir, step: int,
+                    writer=None, key: Optional[jax.Array] = None) -> tuple[np.ndarray, Any]:
   """Draws config.sample.num_samples samples and writes samples_<step>.png (+ TensorBoard)."""
+  config = run.config
   sc = config.sample
-  shape = (sc.num_samples,) + tuple(image_shape)
-  sampler = make_sampler(model, shape, sc.timesteps, sc.decode, sc.conditioning, mesh)
+  shape = (sc.num_samples,) + run.image_shape
+  sampler = make_sampler(run.model, shape, sc.timesteps, sc.decode, sc.conditioning,
+                         run.mesh)
   if key is None:
     key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)
   samples = parallel.to_host(sampler(params, key))
-  images = to_uint8(samples, config.model.vocab_size)
-  grid = make_grid(images)
-  path = os.path.join(workdir, f'samples_{int(step)}.png')
-  if jax.process_index() == 0:
-    save_png(grid, path, scale=max(1, 256 // max(grid.shape[:2])))
-    if writer is not None:
-      writer.write_images(int(step), {'samples': grid[None]})
+  grid = make_grid(to_uint8(samples, config.model.vocab_size))
+  path = wd.write_png(wd.samples_path(step), grid, scale=max(1, 256 // max(grid.shape[:2])))
+  if writer is not None and jax.process_index() == 0:
+    writer.write_images(int(step), {'samples': grid[None]})
   return samples, path
+
+
+def sample_workdir(config, workdir, mesh=None):
+  """--mode=sample: a grid of samples from the newest checkpoint; returns the PNG path."""
+  wd = workdir_lib.Workdir(workdir)
+  run, state = build_lib.restore(config, wd, mesh)
+  writer = metric_writers.create_default_writer(str(wd.path),
+                                                just_logging=jax.process_index() > 0)
+  try:
+    _, path = sample_and_save(run, run.eval_params(state), wd, int(state.step), writer)
+  finally:
+    writer.flush()
+  return path

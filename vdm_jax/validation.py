@@ -1,53 +1,47 @@
-"""Config validation at start-up, before anything is compiled.
+"""Config validation: every field checked once, at the edge, before anything compiles.
 
-Every message names the field, the value given and what is accepted. All problems
-are reported at once.
+Every message names the field, the value given and what is accepted; all problems are
+reported at once. Inside the package the locked, validated config is trusted.
 """
 
 from typing import Optional
 
-import ml_collections
+from flax import traverse_util
+import jax
 
 from vdm_jax import config_base
-from vdm_jax import input_pipeline
+from vdm_jax import datasets
 from vdm_jax import networks
 from vdm_jax import optim
 from vdm_jax import schedules
 from vdm_jax import vdm
 
-CONV_IMPLS = ('auto', 'xla', 'patches')
-ATTENTION_IMPLS = networks.ATTENTION_IMPLS
 DTYPES = ('float32', 'bfloat16')
 DECODES = ('argmax', 'draw')
-# Fields that change what the model computes or its parameters: a resumed workdir
-# must not silently continue with other values.
-# (How the model is computed or trained — remat, conv_impl, attention_impl, dtype,
-# the weighting of the training objective, the §4 gradient — may change between runs.)
-_NOT_MODEL_DEFINING = ('remat', 'conv_impl', 'attention_impl', 'dtype', 'weighting',
-                       'sigmoid_bias', 'sigmoid_scale', 'schedule_variance_reduction',
-                       'antithetic_time_sampling')
+# Fields that change what the model computes or its parameters: a resumed workdir must
+# not silently continue with other values. How the model is computed or trained (remat,
+# attention_impl, dtype, the training objective's weighting, the §4 gradient, dropout)
+# may change between runs, and evaluation ignores it.
+_NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid_bias',
+                       'sigmoid_scale', 'schedule_variance_reduction',
+                       'antithetic_time_sampling', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
-                       if k not in _NOT_MODEL_DEFINING) + (
-                           'data.dataset', 'data.augment')
-
-
-# Model-defining fields added after configs were first saved, with the value that a
-# config.json written before them implies.
-_ADDED_LATER = {'model.channel_mult': (1,)}
+                       if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
 
 
 class ConfigError(ValueError):
   """One or more config fields are invalid; the message lists each with the fix."""
 
+  def __init__(self, errors):
+    errors = [errors] if isinstance(errors, str) else list(errors)
+    super().__init__('Invalid config:\n  ' + '\n  '.join(errors))
+    self.errors = errors
 
-def _flatten(config, prefix: str = '') -> dict:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
+
+def flatten(config) -> dict:
+  """{'a.b': value} of a ConfigDict or dict; tuples and lists are leaves."""
+  tree = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  return traverse_util.flatten_dict(tree, sep='.')
 
 
 def _choice(errors, name, value, accepted):
@@ -58,24 +52,23 @@ def _choice(errors, name, value, accepted):
 def check_fields(config) -> list[str]:
   """Unknown keys and bad values, without touching data or devices."""
   errors = []
-  known = _flatten(config_base.get_config())
-  given = _flatten(config)
+  known = flatten(config_base.get_config())
+  given = flatten(config)
   for key in sorted(set(given) - set(known)):
     errors.append(f'config.{key} is not a known field (typo?). Known fields of '
                   f'config.{key.rsplit(".", 1)[0] if "." in key else ""}: '
                   + ', '.join(sorted(k.rsplit('.', 1)[-1] for k in known
                                      if k.rsplit('.', 1)[0] == key.rsplit('.', 1)[0])))
   m, t, o, d = config.model, config.training, config.optimizer, config.data
-  _choice(errors, 'data.dataset', d.dataset, input_pipeline.DATASETS)
+  _choice(errors, 'data.dataset', d.dataset, datasets.DATASETS)
   _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES)
   _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
   _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
   _choice(errors, 'model.dtype', m.dtype, DTYPES)
-  _choice(errors, 'model.conv_impl', m.conv_impl, CONV_IMPLS)
-  _choice(errors, 'model.attention_impl', m.attention_impl, ATTENTION_IMPLS)
+  _choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
   _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
   _choice(errors, 'sample.decode', config.sample.decode, DECODES)
-  _choice(errors, 'eval.split', config.eval.split, input_pipeline.SPLITS)
+  _choice(errors, 'eval.split', config.eval.split, datasets.SPLITS)
   if m.timesteps < 0:
     errors.append(f'config.model.timesteps = {m.timesteps}: must be ≥ 0 (0 = continuous '
                   'time, T > 0 = the discrete-time bound with T steps).')
@@ -113,7 +106,7 @@ def check_fields(config) -> list[str]:
     errors.append('config.model.schedule_variance_reduction = True needs '
                   "model.schedule = 'learned_nnet' and model.schedule_endpoints = 'pinned' "
                   f'(got {m.schedule!r}, {m.schedule_endpoints!r}): only a pinned shape '
-                  'can follow the variance (SPEC §4).')
+                  'can follow the variance (docs/maths.md §4).')
   for name, value in (('training.batch_size', t.batch_size),
                       ('training.num_steps', t.num_steps),
                       ('training.steps_per_call', t.steps_per_call),
@@ -140,39 +133,68 @@ def check_fields(config) -> list[str]:
     errors.append(f'config.optimizer.ema_rate = {o.ema_rate}: must be in [0, 1).')
   if o.grad_clip is not None and o.grad_clip <= 0:
     errors.append(f'config.optimizer.grad_clip = {o.grad_clip}: must be > 0 or None.')
+  for name, value, low, high in (('optimizer.b1', o.b1, 0.0, 1.0),
+                                 ('optimizer.b2', o.b2, 0.0, 1.0)):
+    if not low <= value < high:
+      errors.append(f'config.{name} = {value}: must be in [{low}, {high}) (Adam\'s decay '
+                    'rate of a moment estimate; the paper uses b1 = 0.9, b2 = 0.99).')
+  if not o.eps > 0:
+    errors.append(f'config.optimizer.eps = {o.eps}: must be > 0.')
+  if o.weight_decay < 0:
+    errors.append(f'config.optimizer.weight_decay = {o.weight_decay}: must be >= 0.')
+  if o.warmup_steps < 0:
+    errors.append(f'config.optimizer.warmup_steps = {o.warmup_steps}: must be >= 0 '
+                  '(0 = no warm-up).')
+  for name, value in (('data.num_train', d.num_train), ('eval.num_examples', config.eval.num_examples)):
+    if value is not None and value < 1:
+      errors.append(f'config.{name} = {value}: must be >= 1, or None for all images.')
+  if not 0.0 <= t.max_skipped_fraction <= 1.0:
+    errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
+                  'in [0, 1].')
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
   return errors
 
 
-def validate(config, mesh=None) -> input_pipeline.DatasetInfo:
-  """Checks the config, the devices and the data; returns the data's DatasetInfo."""
+def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
+  """Checks the config, the devices and the data; returns the data's DatasetInfo.
+
+  With `image_shape` (H, W, C) the data is not read (a model without its dataset,
+  e.g. an imported checkpoint evaluated elsewhere).
+  """
   errors = check_fields(config)
   if errors:
-    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+    raise ConfigError(errors)
   if mesh is not None:
     n = mesh.devices.size
     for name, value in (('training.batch_size', config.training.batch_size),
                         ('eval.batch_size', config.eval.batch_size)):
       if value % n:
-        errors.append(f'config.{name} = {value} does not divide over the {n} devices; '
-                      f'use a multiple of {n} (e.g. {(value // n + 1) * n}).')
-  try:
-    info = input_pipeline.dataset_info(config.data)
-  except FileNotFoundError:
-    raise
-  except ValueError as e:  # bad user data: an 'error: …' on the command line
-    raise ConfigError(f'Invalid data (config.data.dataset = {config.data.dataset!r}): '
-                      f'{e}') from e
-  if info.num_train < config.training.batch_size:
-    errors.append(f'config.training.batch_size = {config.training.batch_size} exceeds the '
-                  f'{info.num_train} training images of {info.name} (after '
-                  'data.num_train); lower the batch size or use more training images.')
-  if info.vocab_size != config.model.vocab_size:
-    errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match the '
-                  f'data: {info.name} has V = {info.vocab_size} values per sub-pixel; set '
-                  f'--config.model.vocab_size={info.vocab_size}.')
+        errors.append(f'config.{name} = {value} does not divide over the {n} devices '
+                      f'({jax.process_count()} process(es)); use a '
+                      f'multiple of {n} (e.g. {(value // n + 1) * n}).')
+  if image_shape is not None:
+    info = datasets.DatasetInfo(config.data.dataset, *image_shape,
+                                vocab_size=config.model.vocab_size, num_train=0, num_test=0)
+  else:
+    try:
+      info = datasets.dataset_info(config.data)
+    except ValueError as e:  # bad user data
+      raise ConfigError([f'data (config.data.dataset = {config.data.dataset!r}): {e}']) from e
+    if info.num_train < config.training.batch_size:
+      errors.append(f'config.training.batch_size = {config.training.batch_size} exceeds the '
+                    f'{info.num_train} training images of {info.name} (after '
+                    'data.num_train); lower the batch size or use more training images.')
+    split_size = info.num_test if config.eval.split == 'test' else info.num_train
+    if config.eval.num_examples is not None and config.eval.num_examples > split_size:
+      errors.append(f'config.eval.num_examples = {config.eval.num_examples} exceeds the '
+                    f'{split_size} images of the {config.eval.split!r} split of {info.name}; '
+                    f'choose 1..{split_size}, or None for all.')
+    if info.vocab_size != config.model.vocab_size:
+      errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match '
+                    f'the data: {info.name} has V = {info.vocab_size} values per sub-pixel; '
+                    f'set --config.model.vocab_size={info.vocab_size}.')
   levels = len(config.model.channel_mult) - 1
   if info.height % 2**levels or info.width % 2**levels:
     errors.append(f'config.model.channel_mult = {tuple(config.model.channel_mult)} halves '
@@ -182,33 +204,30 @@ def validate(config, mesh=None) -> input_pipeline.DatasetInfo:
     errors.append(f'config.data.augment = True rotates images, which needs H == W; '
                   f'{info.name} is {info.height}x{info.width}.')
   if errors:
-    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+    raise ConfigError(errors)
   return info
 
 
 def config_difference(saved: dict, config, fields=MODEL_DEFINING) -> list[str]:
   """The model-defining fields whose value differs from the saved config.json."""
-  flat_saved = _flatten(saved)
-  flat_now = _flatten(config)
+  flat_saved, flat_now = flatten(saved), flatten(config)
+  as_tuple = lambda v: tuple(v) if isinstance(v, list) else v
   diffs = []
   for key in fields:
-    old = flat_saved.get(key, _ADDED_LATER.get(key, '<absent>'))
-    new = flat_now.get(key, '<absent>')
-    if isinstance(old, list):
-      old = tuple(old)
-    if isinstance(new, list):
-      new = tuple(new)
+    old = as_tuple(flat_saved.get(key, '<absent>'))
+    new = as_tuple(flat_now.get(key, '<absent>'))
     if old != new:
       diffs.append(f'{key}: saved {old!r}, now {new!r}')
   return diffs
 
 
-def check_resumed_config(saved: dict, config, allow: bool = False) -> Optional[list[str]]:
-  """Refuses to resume a workdir whose saved config defines another model."""
+def check_resumed_config(saved: dict, config, allow: bool = False,
+                         hint: str = ', or --allow_config_change to continue deliberately'
+                         ) -> list[str]:
+  """Refuses a workdir whose saved config defines another model; returns the differences."""
   diffs = config_difference(saved, config)
   if diffs and not allow:
     raise ConfigError(
-        'This workdir was trained with a config that defines a different model:\n  '
-        + '\n  '.join(diffs) + '\nUse the saved config (config.json in the workdir), '
-        'another --workdir, or --allow_config_change to continue deliberately.')
+        ['this workdir holds a model defined differently from the current config:']
+        + diffs + [f'Use the saved config (config.json in the workdir), another --workdir{hint}.'])
   return diffs

@@ -1,0 +1,99 @@
+"""Tests of vdm_jax.validation: every field checked before anything compiles."""
+
+import types
+
+import numpy as np
+import pytest
+
+import common
+from vdm_jax import validation
+
+
+def _config(**changes):
+  """configs/test.py with changes, e.g. **{'optimizer.b2': 1.5}."""
+  cfg = common.load_config('test')
+  for dotted, value in changes.items():
+    section, key = dotted.split('.')
+    cfg[section][key] = value
+  return cfg
+
+
+def _errors(**changes):
+  return validation.check_fields(_config(**changes))
+
+
+def test_the_shipped_configs_are_valid():
+  for name in ('test', 'digits', 'mnist', 'cifar10', 'cifar10_aug', 'imagenet32',
+               'imagenet64'):
+    assert validation.check_fields(common.load_config(name)) == [], name
+
+
+@pytest.mark.parametrize('changes,expected', [
+    ({'optimizer.b2': 1.5}, 'config.optimizer.b2 = 1.5: must be in [0.0, 1.0)'),
+    ({'optimizer.b1': -0.1}, 'config.optimizer.b1 = -0.1: must be in [0.0, 1.0)'),
+    ({'optimizer.eps': 0.0}, 'config.optimizer.eps = 0.0: must be > 0'),
+    ({'optimizer.weight_decay': -1.0}, 'config.optimizer.weight_decay = -1.0: must be >= 0'),
+    ({'optimizer.warmup_steps': -5}, 'config.optimizer.warmup_steps = -5: must be >= 0'),
+    ({'eval.num_examples': -1}, 'config.eval.num_examples = -1: must be >= 1'),
+    ({'eval.num_examples': 0}, 'config.eval.num_examples = 0: must be >= 1'),
+    ({'data.num_train': 0}, 'config.data.num_train = 0: must be >= 1'),
+    ({'training.max_skipped_fraction': 1.5},
+     'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
+    ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
+    ({'model.p_drop': 1.0}, 'config.model.p_drop = 1.0: must be in [0, 1)'),
+])
+def test_a_value_out_of_range_is_named_with_what_is_accepted(changes, expected):
+  assert any(expected in e for e in _errors(**changes)), _errors(**changes)
+
+
+def test_unknown_fields_are_named_with_their_siblings():
+  cfg = _config()
+  with cfg.unlocked():
+    cfg.training.num_stepz = 3
+  errors = validation.check_fields(cfg)
+  assert len(errors) == 1 and 'config.training.num_stepz is not a known field' in errors[0]
+  assert 'num_steps' in errors[0]
+
+
+def test_validate_checks_the_data_and_reports_everything_at_once():
+  cfg = _config(**{'eval.num_examples': 1000, 'training.batch_size': 4000,
+                   'model.vocab_size': 256})
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate(cfg)
+  message = str(e.value)
+  assert "config.eval.num_examples = 1000 exceeds the 297 images of the 'test' split" in message
+  assert 'config.training.batch_size = 4000 exceeds the 1500 training images' in message
+  assert 'config.model.vocab_size = 256 does not match the data' in message
+  assert message.startswith('Invalid config:')
+
+
+def test_batch_must_divide_over_the_devices():
+  mesh = types.SimpleNamespace(devices=np.empty((3,), object))
+  with pytest.raises(validation.ConfigError, match=r'training.batch_size = 8 does not '
+                     r'divide over the 3 devices .*use a multiple of 3 \(e.g. 9\)'):
+    validation.validate(_config(), mesh=mesh)
+
+
+def test_augmentation_needs_square_images(tmp_path):
+  path = tmp_path / 'wide.npz'
+  np.savez(path, train=np.zeros((8, 4, 6, 1), np.uint8), test=np.zeros((2, 4, 6, 1), np.uint8))
+  cfg = _config(**{'data.dataset': 'npz', 'data.npz_path': str(path), 'data.augment': True,
+                   'model.vocab_size': 256, 'training.batch_size': 4,
+                   'eval.num_examples': None})
+  with pytest.raises(validation.ConfigError, match='rotates images, which needs H == W; '
+                     'npz is 4x6'):
+    validation.validate(cfg)
+
+
+def test_model_defining_fields_and_training_only_fields():
+  saved = _config().to_dict()
+  assert validation.config_difference(saved, _config(**{'model.p_drop': 0.5,
+                                                        'model.weighting': 'sigmoid',
+                                                        'optimizer.learning_rate': 1.0})) == []
+  assert validation.config_difference(saved, _config(**{'model.n_embd': 16})) == [
+      'model.n_embd: saved 8, now 16']
+  with pytest.raises(validation.ConfigError, match='--allow_config_change'):
+    validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}))
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}), hint='')
+  assert '--allow_config_change' not in str(e.value)

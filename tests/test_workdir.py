@@ -1,0 +1,125 @@
+"""Tests of vdm_jax.workdir and vdm_jax.workdir_lock: the files of a run and its owner."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+import common
+from vdm_jax import workdir as workdir_lib
+from vdm_jax import workdir_lock
+
+
+def test_config_round_trip_and_garbled_config(tmp_path):
+  wd = workdir_lib.Workdir(tmp_path)
+  assert wd.read_config() is None
+  config = ml_collections.ConfigDict({'model': {'n_embd': 8, 'channel_mult': (1, 2)}})
+  wd.write_config(config)
+  assert wd.read_config() == {'model': {'n_embd': 8, 'channel_mult': [1, 2]}}
+  assert sorted(os.listdir(tmp_path)) == ['config.json']  # no temporary file left
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(workdir_lib.WorkdirError, match=r'config.json is not valid JSON'):
+    wd.read_config()
+
+
+def test_results_and_png_are_written_atomically(tmp_path):
+  wd = workdir_lib.Workdir(tmp_path)
+  wd.write_results({'bpd': 1.5}, step=7)
+  assert wd.read_results() == {'bpd': 1.5, 'step': 7} == wd.read_results(7)
+  path = wd.write_png(wd.samples_path(7), np.full((4, 6, 1), 200, np.uint8), scale=2)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(os.fspath(path)) as image:
+    assert image.size == (12, 8) and np.asarray(image).max() == 200
+  assert sorted(os.listdir(tmp_path)) == ['eval_results.json', 'eval_results_7.json',
+                                          'samples_7.png']
+
+
+def test_checkpoint_steps_count_only_finalised_step_folders(tmp_path):
+  wd = workdir_lib.Workdir(tmp_path)
+  assert not wd.has_checkpoint()
+  for name in ('10', '20', '30.damaged', '40.orbax-checkpoint-tmp-123', 'notes'):
+    (tmp_path / 'checkpoints' / name).mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '50').write_text('a file, not a checkpoint')
+  assert wd.checkpoint_steps() == [10, 20] and wd.has_checkpoint()
+
+
+def test_create_and_require_name_what_is_wrong(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(workdir_lib.WorkdirError, match='is a file, not a folder'):
+    workdir_lib.Workdir(tmp_path / 'file').create()
+  with pytest.raises(workdir_lib.WorkdirError, match='a part of that path is a file'):
+    workdir_lib.Workdir(tmp_path / 'file' / 'run').create()
+  missing = workdir_lib.Workdir(tmp_path / 'missing')
+  with pytest.raises(workdir_lib.WorkdirError, match='does not exist'):
+    missing.require()
+  assert not (tmp_path / 'missing').exists()  # nothing created
+  workdir_lib.Workdir(tmp_path / 'a' / 'b').create()
+  assert (tmp_path / 'a' / 'b').is_dir()
+
+
+# ------------------------------------------------------------------------ lock
+
+_HOLDER = r'''
+import sys, time
+from vdm_jax import workdir, workdir_lock
+with workdir_lock.hold(workdir.Workdir(sys.argv[1])):
+  print('held', flush=True)
+  time.sleep(600)
+'''
+
+
+def _start_holder(path):
+  proc = subprocess.Popen([sys.executable, '-c', _HOLDER, str(path)], cwd=common.REPO,
+                          stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.stdout.readline().strip() == 'held'
+  return proc
+
+
+def test_second_owner_is_refused_naming_the_first_and_a_killed_owner_is_replaced(tmp_path):
+  wd = workdir_lib.Workdir(tmp_path)
+  holder = _start_holder(tmp_path)
+  try:
+    with pytest.raises(workdir_lock.WorkdirBusyError) as e:
+      workdir_lock.acquire(wd)
+    message = str(e.value)
+    assert f'process {holder.pid} on host {socket.gethostname()!r}' in message
+    assert 'use another --workdir' in message
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == holder.pid  # stale
+  with workdir_lock.hold(wd):  # taken over at once: its owner is gone
+    assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == os.getpid()
+  assert not (tmp_path / 'lock.json').exists()  # released
+
+
+@pytest.mark.parametrize('age,busy', [(10.0, True), (workdir_lock.STALE_SECONDS + 60, False)])
+def test_an_owner_on_another_host_is_stale_only_when_its_heartbeat_is_old(tmp_path, age,
+                                                                          busy):
+  record = dict(host='another-host', pid=1, started=time.time() - 3600,
+                heartbeat=time.time() - age, token='theirs')
+  (tmp_path / 'lock.json').write_text(json.dumps(record))
+  wd = workdir_lib.Workdir(tmp_path)
+  if busy:
+    with pytest.raises(workdir_lock.WorkdirBusyError, match="host 'another-host'"):
+      workdir_lock.acquire(wd)
+    assert json.loads((tmp_path / 'lock.json').read_text())['token'] == 'theirs'
+  else:
+    assert workdir_lock.acquire(wd)['pid'] == os.getpid()
+
+
+def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, 'HEARTBEAT_SECONDS', 0.05)
+  wd = workdir_lib.Workdir(tmp_path)
+  with workdir_lock.hold(wd):
+    first = json.loads((tmp_path / 'lock.json').read_text())['heartbeat']
+    time.sleep(0.5)
+    assert json.loads((tmp_path / 'lock.json').read_text())['heartbeat'] > first

@@ -1,0 +1,129 @@
+"""The workdir: one fixed folder per run, and the only code that reads or writes it.
+
+  WORKDIR/config.json            the resolved config of the run (process 0 writes it)
+  WORKDIR/checkpoints/<step>/    orbax checkpoints (vdm_jax/checkpoints.py)
+  WORKDIR/eval_results*.json     evaluations (latest, and one per step)
+  WORKDIR/samples_<step>.png     sample grids
+  WORKDIR/lock.json              the owner of a training run (vdm_jax/workdir_lock.py)
+  WORKDIR/events.out.tfevents.*  TensorBoard (clu's writer)
+
+Every path goes through etils.epath, so a workdir may be a local folder or a bucket
+(`gs://…`) wherever orbax and TensorFlow's file system reach.
+"""
+
+import io
+import json
+from typing import Optional
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+RESULTS_FILE = 'eval_results.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used as it is; the message says what to do."""
+
+
+def _atomic_write(path: epath.Path, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it into place."""
+  tmp = path.parent / f'.{path.name}.tmp'
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+class Workdir:
+  """A run's folder: config.json, checkpoints, results and samples."""
+
+  def __init__(self, path):
+    self.path = epath.Path(path)
+    self.checkpoint_dir = self.path / CHECKPOINT_DIR
+
+  def __repr__(self) -> str:
+    return f'Workdir({str(self.path)!r})'
+
+  def __str__(self) -> str:
+    return str(self.path)
+
+  # ------------------------------------------------------------- existence
+  def create(self) -> None:
+    """Makes the folder (training, import); a clear error where that is impossible."""
+    if self.path.exists() and not self.path.is_dir():
+      raise WorkdirError(f'--workdir={self.path} is a file, not a folder; choose another '
+                         '--workdir (or move the file aside).')
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+      raise WorkdirError(f'--workdir={self.path} cannot be created: a part of that path is '
+                         f'a file ({e}); choose another --workdir.') from e
+
+  def require(self) -> None:
+    """For eval, sample and the codec: the folder must exist; nothing is created."""
+    if not self.path.is_dir():
+      raise WorkdirError(f'--workdir={self.path} does not exist or is not a folder: train '
+                         'there first (--mode=train), import a checkpoint there '
+                         '(--mode=import_original), or point --workdir at a trained run.')
+
+  # ---------------------------------------------------------------- config
+  def read_config(self) -> Optional[dict]:
+    """The saved config.json as a dict, or None if there is none."""
+    path = self.path / CONFIG_FILE
+    if not path.exists():
+      return None
+    try:
+      return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise WorkdirError(
+          f'{path} is not valid JSON ({e}); it describes the run whose checkpoints are in '
+          f'{self.checkpoint_dir}. Restore it from a copy, or delete it to have this run '
+          "write the current config there (only if the current config is the run's).") from e
+
+  def write_config(self, config) -> None:
+    """Saves the resolved config (process 0 only)."""
+    if jax.process_index() == 0:
+      _atomic_write(self.path / CONFIG_FILE,
+                    config.to_json_best_effort(indent=2, sort_keys=True).encode())
+
+  # ----------------------------------------------------------- checkpoints
+  def checkpoint_steps(self) -> list[int]:
+    """Steps of the finalised checkpoints (orbax's step folders)."""
+    if not self.checkpoint_dir.is_dir():
+      return []
+    return sorted(ocp.utils.checkpoint_steps(self.checkpoint_dir))
+
+  def has_checkpoint(self) -> bool:
+    return bool(self.checkpoint_steps())
+
+  # ---------------------------------------------------- results and samples
+  def write_results(self, results: dict, step: int) -> epath.Path:
+    """eval_results.json (latest) and eval_results_<step>.json (process 0 only)."""
+    payload = json.dumps(dict(results, step=int(step)), indent=2, sort_keys=True).encode()
+    latest = self.path / RESULTS_FILE
+    if jax.process_index() == 0:
+      for name in (f'eval_results_{int(step)}.json', RESULTS_FILE):
+        _atomic_write(self.path / name, payload)
+    return latest
+
+  def read_results(self, step: Optional[int] = None) -> Optional[dict]:
+    name = RESULTS_FILE if step is None else f'eval_results_{int(step)}.json'
+    path = self.path / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def samples_path(self, step: int) -> epath.Path:
+    return self.path / f'samples_{int(step)}.png'
+
+  def write_png(self, path: epath.Path, image: np.ndarray, scale: int = 1) -> epath.Path:
+    """Writes a uint8 [H, W, C] image as PNG at `path` (process 0 only)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+      buffer = io.BytesIO()
+      pil.save(buffer, format='PNG')
+      _atomic_write(path, buffer.getvalue())
+    return path
