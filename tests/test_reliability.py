@@ -32,6 +32,8 @@ from tensorboard.util import tensor_util
 import common
 from vdm_jax import build
 from vdm_jax import checkpoints
+from vdm_jax import errors
+from vdm_jax import evaluate
 from vdm_jax import input_pipeline
 from vdm_jax import train
 from vdm_jax import validation
@@ -410,7 +412,7 @@ def test_nonfinite_step_stops_with_the_terms_and_keeps_the_last_checkpoint(
   cfg = _config(training=dict(TRAINING, checkpoint_every=2))
   with monkeypatch.context() as patch:
     _poison(patch, step=3, value=np.nan)
-    with pytest.raises(train.NonFiniteError) as e:
+    with pytest.raises(errors.NonFiniteError) as e:
       train.train_and_evaluate(cfg, str(tmp_path))
   message = str(e.value)
   assert message.startswith('Non-finite values at step 3: diffusion, gradient ('), message
@@ -428,7 +430,7 @@ def test_a_workdir_without_checkpoints_takes_a_new_model_config(tmp_path, monkey
   cfg = _config(training=dict(TRAINING, num_steps=2, checkpoint_every=2))
   with monkeypatch.context() as patch:
     _poison(patch, step=0, value=np.nan)
-    with pytest.raises(train.NonFiniteError, match='at step 0: '):
+    with pytest.raises(errors.NonFiniteError, match='at step 0: '):
       train.train_and_evaluate(cfg, str(tmp_path))
   assert _complete_steps(tmp_path) == []  # nothing was trained: nothing to protect
   cfg.data.augment = True
@@ -691,3 +693,175 @@ def test_allowed_config_change_continues_training(workdir_copy):
   assert int(state.step) == 4 and _complete_steps(workdir) == [2, 4]
   saved = workdir_lib.Workdir(str(workdir)).read_config()
   assert saved['data']['augment'] is True  # the new config is the workdir's config now
+
+
+# ---------------------------------------------- one owner, faults as messages
+
+
+def test_a_second_trainer_refuses_at_once_naming_the_first(tmp_path, cli_env):
+  first = _Cli(tmp_path, [f'--config.training.{k}={v}' for k, v in TRAINING.items()]
+               + ['--config.training.num_steps=100000'], cli_env)
+  assert first.wait_for(r'\] train/'), first.output[-3000:]  # training, lock held
+  before = _fingerprint(tmp_path)
+  started = time.monotonic()
+  second = _Cli(tmp_path, ['--config.optimizer.learning_rate=0.5'], cli_env)
+  assert second.finish() == 2, second.output[-3000:]
+  assert time.monotonic() - started < 60  # before compiling anything
+  assert f'is being trained by process {first.proc.pid} on host {socket.gethostname()!r}' \
+      in second.output
+  assert 'Traceback' not in second.output
+  assert json.loads((tmp_path / 'config.json').read_text())['optimizer'][
+      'learning_rate'] == 1e-3  # still the first run's
+  assert _fingerprint(tmp_path)['config.json'] == before['config.json']
+  first.send(signal.SIGKILL)
+  first.finish()
+  third = _Cli(tmp_path, [f'--config.training.{k}={v}' for k, v in TRAINING.items()],
+               cli_env)  # the killed owner's lock is taken over
+  assert third.finish() == 0, third.output[-3000:]
+  assert 'Taking over the stale lock' in third.output
+
+
+def _cli_error(workdir, flags, env, *expected, mode='train'):
+  """Runs the CLI, which must exit 2 with each expected text and no traceback."""
+  proc = subprocess.run([sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
+                         f'--workdir={workdir}', f'--mode={mode}', *flags], cwd=common.REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 2, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  for text in expected:
+    assert text in output, output[-3000:]
+  return output
+
+
+def test_faults_of_the_workdir_are_messages_that_change_nothing(workdir_copy, cli_env):
+  workdir, before, _ = workdir_copy
+  npz = ['--config.data.dataset=npz',
+         f'--config.data.npz_path={json.loads((workdir / "config.json").read_text())["data"]["npz_path"]}',
+         '--config.model.vocab_size=256', '--config.eval.num_examples=16']
+  _cli_error(workdir, npz + ['--config.training.num_steps=1'], cli_env,
+             'config.training.num_steps = 1 is below the step of the newest checkpoint',
+             'Set it to 2 or more')
+  _cli_error(workdir, npz + ['--config.eval.num_examples=17'], cli_env,
+             "config.eval.num_examples = 17 exceeds the 16 images of the 'test' split",
+             mode='eval')
+  _cli_error(workdir, npz + ['--config.model.p_drop=0.5', '--config.model.n_embd=16'],
+             cli_env, 'model.n_embd: saved 8, now 16', mode='eval')
+  assert _fingerprint(workdir) == before
+  (workdir / 'config.json').write_text('{"model": ')
+  _cli_error(workdir, npz, cli_env, f'{workdir / "config.json"} is not valid JSON',
+             mode='eval')
+  (workdir / 'config.json').unlink()
+  _damage_all = os.path.join(_ckpt_dir(workdir), '2', 'state', '_METADATA')
+  with open(_damage_all, 'w') as f:
+    f.write('garbage')
+  _cli_error(workdir, npz, cli_env, r'None of the checkpoints [2]', 'nothing was changed')
+  assert os.listdir(_ckpt_dir(workdir)) == ['2']
+
+
+def test_eval_with_a_changed_training_only_field_works(workdir_copy):
+  workdir, before, cfg_dict = workdir_copy
+  cfg = _fresh(cfg_dict, **{'model.p_drop': 0.5, 'model.weighting': 'sigmoid'})
+  results = evaluate.evaluate_workdir(cfg, str(workdir))
+  assert results['step'] == 2 and math.isfinite(results['bpd'])
+
+
+def test_config_and_flag_faults_are_messages(tmp_path, cli_env):
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n')
+  for flags, expected in (
+      (['--config.model.n_embdd=16'], ['names no field', 'n_embdd', 'n_embd']),
+      (['--config.model.n_embd=abc'], ['--config.model.n_embd=abc']),
+  ):
+    _cli_error(tmp_path / 'run', flags, cli_env, *expected)
+  for config, expected in ((tmp_path / 'missing.py', 'no such file'),
+                           (broken, 'could not be loaded (SyntaxError')):
+    proc = subprocess.run([sys.executable, '-m', 'vdm_jax.main', f'--config={config}',
+                           f'--workdir={tmp_path / "run"}'], cwd=common.REPO, env=cli_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+  _cli_error(tmp_path / 'run', [], cli_env, 'does not exist or is not a folder', mode='eval')
+  assert not (tmp_path / 'run').exists()  # eval creates nothing
+  (tmp_path / 'file').write_text('x')
+  _cli_error(tmp_path / 'file', [], cli_env, 'is a file, not a folder')
+  _cli_error(tmp_path / 'file' / 'run', [], cli_env, 'a part of that path is a file')
+
+
+def _mount_tmpfs(path, options):
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
+                        capture_output=True)
+  if done.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
+
+
+def test_read_only_workdir_is_a_message(tmp_path, cli_env):
+  _mount_tmpfs(tmp_path / 'ro', 'ro,size=1m')
+  try:
+    _cli_error(tmp_path / 'ro', [], cli_env, 'cannot write to', 'read-only')
+  finally:
+    subprocess.run(['umount', str(tmp_path / 'ro')])
+
+
+def test_full_disk_during_a_save_keeps_the_checkpoints_and_resumes(tmp_path, cli_env):
+  """A tmpfs that the first checkpoints fill, then ENOSPC in the middle of a save."""
+  disk = tmp_path / 'disk'
+  _mount_tmpfs(disk, 'size=4m')
+  try:
+    workdir = disk / 'run'
+    flags = [f'--config.training.{k}={v}' for k, v in TRAINING.items()]
+    first = _Cli(workdir, flags + ['--config.training.num_steps=2'], cli_env)
+    assert first.finish() == 0, first.output[-3000:]
+    before = _fingerprint(workdir)
+    checkpoint_bytes = sum(os.path.getsize(os.path.join(r, f))
+                           for r, _, fs in os.walk(_ckpt_dir(workdir)) for f in fs)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    filler = disk / 'filler'
+    with open(filler, 'wb') as f:  # leave room for the lock and the logs, not a checkpoint
+      f.write(b'\0' * max(0, free - checkpoint_bytes // 2))
+    output = _cli_error(workdir, flags + ['--config.training.num_steps=4'], cli_env,
+                        'is full (ENOSPC)', 'the checkpoints written before are intact '
+                        '(newest: step 2)', 'run the same command again')
+    assert _fingerprint(workdir) == before, output[-2000:]
+    filler.unlink()
+    again = _Cli(workdir, flags + ['--config.training.num_steps=4'], cli_env)
+    assert again.finish() == 0, again.output[-3000:]
+    assert _complete_steps(workdir)[-1] == 4
+  finally:
+    subprocess.run(['umount', str(disk)])
+
+
+def test_an_imported_checkpoint_full_of_nan_is_refused(tmp_path):
+  from vdm_jax import original  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  cfg = _config()
+  run = build.build(cfg)
+  params = jax.tree.map(lambda x: np.full(x.shape, np.nan, np.float32),
+                        run.abstract_state().params)
+  folder = tmp_path / 'checkpoints-0'
+  folder.mkdir()
+  (folder / 'ckpt-1.flax').write_bytes(flax.serialization.to_bytes(
+      {'step': 1, 'params': params, 'ema_params': params, 'opt_state': {}}))
+  with pytest.raises(original.OriginalCheckpointError, match='non-finite values'):
+    original.import_checkpoint(cfg, str(folder), str(tmp_path / 'workdir'))
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_skipping_most_steps_stops_the_run(tmp_path, monkeypatch):
+  cfg = _config(training=dict(TRAINING, checkpoint_every=5, skip_nonfinite=True))
+  original = input_pipeline.train_batches
+
+  def poisoned(data_config, *, start_step=0, **kwargs):
+    for k, batch in enumerate(original(data_config, start_step=start_step, **kwargs),
+                              start_step):
+      yield dict(batch, conditioning=np.full_like(batch['conditioning'],
+                                                   np.nan if k >= 5 else 0.0))
+
+  monkeypatch.setattr(input_pipeline, 'train_batches', poisoned)
+  with pytest.raises(errors.NonFiniteError, match=r'6 of the 11 steps since step 0 .* '
+                     'more than training.max_skipped_fraction = 0.1'):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert _complete_steps(tmp_path) == [5]
+  saved = _restore(tmp_path, cfg)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))

@@ -17,6 +17,10 @@ from typing import Optional
 INPUT_ERROR_EXIT_CODE = 2
 
 
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss, gradient or bound; nothing non-finite was saved."""
+
+
 def _show_traceback(verbose: bool) -> bool:
   return verbose or os.environ.get('VDM_JAX_TRACEBACK', '') not in ('', '0')
 
@@ -36,7 +40,8 @@ def describe_config_error(exc: BaseException, argv) -> str:
   if path is None:
     i = argv.index('--config') if '--config' in argv else -1
     path = argv[i + 1] if 0 <= i < len(argv) - 1 else '?'
-  text = str(exc).strip() or type(exc).__name__
+  text = str(exc).replace('\\n', ' ').replace('\\', '').replace("'", '')
+  text = ' '.join(text.split()) or type(exc).__name__
   if isinstance(exc, (KeyError, AttributeError)) or 'did you mean' in text.lower():
     return (f'a --config. override names no field of the config {path}: {text}. Each '
             'field is listed, with a comment, in vdm_jax/config_base.py.')
@@ -95,7 +100,7 @@ def reported(verbose: bool = False, workdir: Optional[str] = None):
   from vdm_jax import workdir as workdir_lib
   user_errors = (validation.ConfigError, workdir_lib.WorkdirError,
                  checkpoints.CheckpointError, original.OriginalCheckpointError,
-                 train.NonFiniteError, FileNotFoundError, FileExistsError)
+                 NonFiniteError, FileNotFoundError, FileExistsError)
   try:
     yield
   except train.Preempted as e:

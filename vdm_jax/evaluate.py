@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
+from vdm_jax import errors
 from vdm_jax import input_pipeline
 from vdm_jax import parallel
 from vdm_jax import vdm
@@ -93,6 +94,11 @@ def evaluate_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir,
   results = evaluate(run.model, run.eval_params(state), config, run.mesh,
                      timesteps_list=timesteps)
   results.update(params='ema' if config.eval.use_ema else 'raw', step=step)
+  if not math.isfinite(results['bpd']):
+    raise errors.NonFiniteError(
+        f'The bound of the checkpoint at step {step} in {wd.checkpoint_dir} is not finite '
+        f'(bpd = {results["bpd"]}): its parameters hold NaN or Inf, or the model diverged. '
+        'Nothing was written; evaluate an earlier checkpoint or retrain.')
   wd.write_results(results, step)
   if writer is not None:
     scalars = {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)}

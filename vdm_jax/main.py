@@ -93,8 +93,13 @@ def main(argv):
   _quiet_orbax_info()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
+  try:
+    config = FLAGS.config
+    config.to_dict()  # ml_collections loads the file on first use
+  except Exception as e:  # pylint: disable=broad-except
+    errors.exit_with(errors.describe_config_error(e, sys.argv), FLAGS.verbose, e)
   with errors.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
-    MODES[FLAGS.mode](FLAGS.config)
+    MODES[FLAGS.mode](config)
 
 
 def _parse_flags(argv):

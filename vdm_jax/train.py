@@ -24,6 +24,7 @@ import optax
 
 from vdm_jax import build as build_lib
 from vdm_jax import checkpoints
+from vdm_jax import errors
 from vdm_jax import evaluate
 from vdm_jax import input_pipeline
 from vdm_jax import optim
@@ -45,10 +46,6 @@ class Preempted(Exception):
     super().__init__(f'Stopped by signal at step {step}; checkpoint written to '
                      f'{workdir.checkpoint_dir}. Run the same command again to continue.')
     self.step = step
-
-
-class NonFiniteError(FloatingPointError):
-  """A non-finite loss or gradient; the state was not updated by that step."""
 
 
 def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: jax.Array,
@@ -269,14 +266,14 @@ def _train_loop(run, wd, state, manager, writer, signals):
     for j in np.flatnonzero(~metrics['finite'].astype(bool)):
       one = {k: v[j] for k, v in metrics.items()}
       if not tc.skip_nonfinite:
-        raise NonFiniteError(nonfinite_message(step + j, one))
+        raise errors.NonFiniteError(nonfinite_message(step + j, one))
       skipped += 1
       logging.warning('%s', nonfinite_message(step + j, one, skipped=True))
     pending.append(metrics)
     step += n
     report(step)
     if skipped > tc.max_skipped_fraction * (step - first_step) and step - first_step >= 10:
-      raise NonFiniteError(
+      raise errors.NonFiniteError(
           f'{skipped} of the {step - first_step} steps since step {first_step} had '
           'non-finite values and were skipped, more than training.max_skipped_fraction = '
           f'{tc.max_skipped_fraction}; the run is diverging. The last checkpoint is '

@@ -1,0 +1,66 @@
+"""Tests of vdm_jax.errors: faults of input or environment become messages and exit 2."""
+
+import errno
+import os
+
+import pytest
+
+from vdm_jax import checkpoints
+from vdm_jax import errors
+from vdm_jax import train
+from vdm_jax import validation
+from vdm_jax import workdir as workdir_lib
+
+
+def _exit(exc, workdir=None, verbose=False):
+  with pytest.raises(SystemExit) as e:
+    with errors.reported(verbose=verbose, workdir=workdir):
+      raise exc
+  return e.value.code
+
+
+@pytest.mark.parametrize('exc', [
+    validation.ConfigError(['config.model.n_embd = 3: must be even']),
+    workdir_lib.WorkdirError('x'), checkpoints.CheckpointError('x'),
+    errors.NonFiniteError('x'), FileNotFoundError('x'), FileExistsError('x')])
+def test_faults_of_input_exit_2_with_the_message_only(exc, capsys):
+  assert _exit(exc) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and str(exc) in err and 'Traceback' not in err
+
+
+def test_verbose_or_the_environment_adds_the_traceback(capsys, monkeypatch):
+  assert _exit(workdir_lib.WorkdirError('x'), verbose=True) == 2
+  assert 'Traceback' in capsys.readouterr().err
+  monkeypatch.setenv('VDM_JAX_TRACEBACK', '1')
+  assert _exit(workdir_lib.WorkdirError('x')) == 2
+  assert 'Traceback' in capsys.readouterr().err
+
+
+def test_preemption_exits_75(capsys, tmp_path):
+  assert _exit(train.Preempted(3, workdir_lib.Workdir(tmp_path))) == 75
+  assert 'Run the same command again' in capsys.readouterr().err
+
+
+def test_a_full_disk_deep_in_a_chain_names_the_newest_checkpoint(tmp_path, capsys):
+  (tmp_path / 'checkpoints' / '40').mkdir(parents=True)
+  try:
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'x'))
+    except OSError as inner:
+      raise RuntimeError('async save failed') from inner
+  except RuntimeError as outer:
+    assert _exit(outer, workdir=str(tmp_path)) == 2
+  err = capsys.readouterr().err
+  assert 'is full (ENOSPC)' in err and 'intact (newest: step 40)' in err
+
+
+def test_permission_denied_says_nothing_was_changed(capsys):
+  assert _exit(PermissionError(errno.EACCES, 'Permission denied', '/ro/lock.json')) == 2
+  assert 'cannot write to /ro/lock.json' in capsys.readouterr().err
+
+
+def test_a_bug_still_raises():
+  with pytest.raises(ZeroDivisionError):
+    with errors.reported():
+      raise ZeroDivisionError
