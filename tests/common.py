@@ -21,6 +21,18 @@ def tiny_model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """The base `config.data` with overrides, e.g. data_config(dataset='digits')."""
+  cfg = config_base.get_config().data
+  for name, value in overrides.items():
+    cfg[name] = value
+  return cfg
+
+
+def take(iterator, n: int) -> list:
+  return list(__import__('itertools').islice(iterator, n))
+
+
 def rngs(seed: int = 0) -> dict:
   k = jax.random.split(jax.random.key(seed), 3)
   return {'params': k[0], 'sample': k[1], 'dropout': k[2]}

@@ -70,10 +70,6 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, start_step:
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
   images = datasets.open_split(data_config, 'train')
-  if len(images) < global_batch_size:
-    raise ValueError(f'{data_config.dataset} has {len(images)} training images (after '
-                     f'data.num_train), fewer than the global batch size '
-                     f'{global_batch_size}; lower the batch size or use more images.')
   order = training_order(len(images), seed)
 
   def generate():

@@ -47,11 +47,19 @@ flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_orbax_info() -> None:
-  """orbax logs every step of every save at INFO; keep its warnings and errors only."""
+def _quiet_orbax_logs(verbose: bool) -> None:
+  """orbax logs every step of every save at INFO, and tracebacks with its errors.
+
+  Keep its warnings and errors, without the tracebacks unless --verbose: a failed save
+  (a full disk) reaches the user as one message from vdm_jax.errors.
+  """
   class _Filter(std_logging.Filter):
     def filter(self, record):
-      return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+      if '/orbax/' not in record.pathname:
+        return True
+      if not verbose:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+      return record.levelno >= std_logging.WARNING
   logging.get_absl_handler().addFilter(_Filter())
 
 
@@ -90,7 +98,7 @@ MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _quiet_orbax_info()
+  _quiet_orbax_logs(FLAGS.verbose)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
