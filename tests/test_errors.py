@@ -12,6 +12,13 @@ from vdm_jax import validation
 from vdm_jax import workdir as workdir_lib
 
 
+@pytest.fixture(autouse=True)
+def _no_hard_exit(monkeypatch):
+  def fake(code):
+    raise SystemExit(code)
+  monkeypatch.setattr(errors, '_exit_now', fake)
+
+
 def _exit(exc, workdir=None, verbose=False):
   with pytest.raises(SystemExit) as e:
     with errors.reported(verbose=verbose, workdir=workdir):

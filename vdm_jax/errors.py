@@ -15,6 +15,7 @@ import traceback
 from typing import Optional
 
 INPUT_ERROR_EXIT_CODE = 2
+_exit_now = os._exit  # pylint: disable=protected-access  # replaced in tests
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,11 +27,19 @@ def _show_traceback(verbose: bool) -> bool:
 
 
 def exit_with(message: str, verbose: bool = False, exc: Optional[BaseException] = None,
-              code: int = INPUT_ERROR_EXIT_CODE):
-  """Prints `error: message` (and the traceback when asked) and exits with `code`."""
+              code: int = INPUT_ERROR_EXIT_CODE, at_once: bool = False):
+  """Prints `error: message` (and the traceback when asked) and exits with `code`.
+
+  at_once skips the interpreter's shutdown: after a failed asynchronous save, orbax's
+  and tensorstore's threads would print tracebacks of their closed event loops there.
+  """
   if exc is not None and _show_traceback(verbose):
     traceback.print_exception(exc)
   print(f'error: {message}', file=sys.stderr)
+  if at_once and not _show_traceback(verbose):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _exit_now(code)
   sys.exit(code)
 
 
@@ -111,4 +120,4 @@ def reported(verbose: bool = False, workdir: Optional[str] = None):
     message = _filesystem_message(e, workdir)
     if message is None:
       raise
-    exit_with(message, verbose, e)
+    exit_with(message, verbose, e, at_once=True)

@@ -47,19 +47,24 @@ flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_orbax_logs(verbose: bool) -> None:
-  """orbax logs every step of every save at INFO, and tracebacks with its errors.
+def _quiet_library_logs(verbose: bool) -> None:
+  """Keeps the libraries' warnings and errors, without their tracebacks unless --verbose.
 
-  Keep its warnings and errors, without the tracebacks unless --verbose: a failed save
-  (a full disk) reaches the user as one message from vdm_jax.errors.
+  orbax logs every step of every save at INFO; a failed asynchronous save (a full disk)
+  is also logged by orbax and asyncio with tracebacks. The user gets it as one message
+  from vdm_jax.errors instead.
   """
   class _Filter(std_logging.Filter):
     def filter(self, record):
-      if '/orbax/' not in record.pathname:
+      if '/vdm_jax/' in record.pathname:
         return True
       if not verbose:
+        message = record.getMessage()
+        cut = message.find('Traceback (most recent call last)')
+        if cut >= 0:
+          record.msg, record.args = message[:cut].rstrip() + ' (--verbose shows more)', ()
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-      return record.levelno >= std_logging.WARNING
+      return '/orbax/' not in record.pathname or record.levelno >= std_logging.WARNING
   logging.get_absl_handler().addFilter(_Filter())
 
 
@@ -98,7 +103,7 @@ MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _quiet_orbax_logs(FLAGS.verbose)
+  _quiet_library_logs(FLAGS.verbose)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
