@@ -95,4 +95,12 @@ def get_config() -> ml_collections.ConfigDict:
   sample.timesteps = 1000  # T of the ancestral sampler.
   sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
   sample.conditioning = 0.0  # The conditioning value given to every sample.
+
+  # ------------------------------------------------ bits-back coding (vdm_jax/codec.py)
+  config.codec = codec = ml_collections.ConfigDict()
+  codec.timesteps = 1000  # T of the discrete-time model the files use (docs/maths.md §9).
+  codec.batch_size = 64  # Largest network batch; a decoder uses the file's (it is in the header).
+  codec.first_group = 1  # Images coded in the first group, whose first pops take the initial bits.
+  codec.resolution = 8  # Latent grid bins per standard deviation of the narrowest Gaussian coded.
+  codec.support = 8  # Half-width of the coded Gaussians' supports, in standard deviations.
   return config

@@ -20,12 +20,14 @@ import jax
 from ml_collections import config_flags
 
 from vdm_jax import checkpoints
+from vdm_jax import codec_format
+from vdm_jax import codec_tools
 from vdm_jax import original
 from vdm_jax import parallel
 from vdm_jax import train
 from vdm_jax import validation
 
-MODES = ('train', 'eval', 'sample', 'import_original')
+MODES = ('train', 'eval', 'sample', 'import_original', 'compress', 'decompress')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -37,6 +39,10 @@ flags.DEFINE_bool('allow_config_change', False,
 flags.DEFINE_string('original_checkpoint', None,
                     'For --mode=import_original: the original code\'s checkpoints-0/ '
                     'folder or a ckpt-N.flax file in it.')
+flags.DEFINE_string('input', None, 'For --mode=compress: images (.npz or a folder of '
+                    'PNG files); for --mode=decompress: a compressed file.')
+flags.DEFINE_string('output', None, 'For --mode=compress: the compressed file; for '
+                    '--mode=decompress: a .npz or a folder for PNG files.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -80,12 +86,19 @@ def main(argv):
         raise app.UsageError('--mode=import_original needs --original_checkpoint=PATH.')
       path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
       print(f'imported {FLAGS.original_checkpoint} into {path}')
+    elif FLAGS.mode in ('compress', 'decompress'):
+      if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError(f'--mode={FLAGS.mode} needs --input=PATH and --output=PATH.')
+      command = (codec_tools.compress_command if FLAGS.mode == 'compress'
+                 else codec_tools.decompress_command)
+      print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output))
   except train.Preempted as e:
     logging.warning('%s', e)
     print(str(e), file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
   except (validation.ConfigError, FileNotFoundError, FileExistsError,
-          checkpoints.CheckpointMismatchError, original.OriginalCheckpointError) as e:
+          checkpoints.CheckpointMismatchError, original.OriginalCheckpointError,
+          codec_format.CodecError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
