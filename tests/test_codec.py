@@ -170,26 +170,84 @@ def test_stream_matches_the_information_content():
   assert report.initial_bits > 0
 
 
-@pytest.mark.slow
-def test_net_rate_approaches_the_discrete_bound():
-  """Net file rate against the bound at the same T on the same images.
+class ExactSampler:
+  """Stands in for codec._Coder: pops draw from the quantised Gaussians with numpy's
+  generator instead of reading the stack, pushes only add up −log2 P. The scheme's
+  arithmetic (grids, references, means, variances) is the coder's own."""
 
-  The untrained network's ε̂ is far from ε, so every push of z_{i-1} under p(z_{i-1}|z_i)
-  is coded with a mismatched model; the next pops read those non-uniform bits and draw
-  latents that are not exactly from q. The excess shrinks as T grows (per-step mismatch
-  ∝ expm1(Δγ)); at T = 200 it stays within 15 % for this network, while with a broken
-  scheme (a wrong mean or variance) the rate is off by a factor. Both rates are per image
-  with a paired standard error; the tolerance adds 4 of them.
+  def __init__(self, num_images, seed=0):
+    self.ideal = np.zeros(num_images)
+    self.image_offset = 0
+    self.rng = np.random.default_rng(seed)
+
+  def _add(self, sign, k, ref, mean, std, half):
+    bits = codec._gauss_bits((k - ref).ravel(), (mean - ref).ravel(), std, half)
+    self.ideal += sign * bits.reshape(len(k), -1).sum(axis=1)
+
+  def pop(self, half, ref, mean, std):
+    off = np.clip(np.rint(mean - ref + std * self.rng.standard_normal(mean.shape)),
+                  -half, half)
+    k = (ref + off).astype(np.int64)
+    self._add(-1.0, k, ref, mean, std, half)
+    return k
+
+  def push(self, k, half, ref, mean, std):
+    self._add(1.0, k, ref, mean, std, half)
+
+  def push_x(self, x, probs, num_images):
+    p = probs[np.arange(len(x)), x] / probs.sum(axis=1)
+    self.ideal += -np.log2(p).reshape(num_images, -1).sum(axis=1)
+
+
+def sampled_rate(model, params, images, steps, resolution=8, support=8):
+  """Per-image code length (bits) of the scheme with exact samples from q."""
+  vocab = int(model.config.vocab_size)
+  tab = codec.coding_table(codec.gamma_grid(model, params, steps), resolution, support)
+  net = codec.Network(model, params, images.shape[1:], vocab, tab.gamma[0])
+  sampler = ExactSampler(len(images))
+  codec.encode_group(sampler, net, tab, images.reshape(len(images), -1).astype(np.int64),
+                     vocab, len(images))
+  return sampler.ideal
+
+
+@pytest.mark.slow
+def test_rate_with_exact_samples_is_the_discrete_bound():
+  """With latents drawn exactly from q, the expected code length is the T-step bound
+  (§9: the grid widths cancel between each latent's pop and push). Per image both are
+  one draw of every term; the paired mean difference must be within 4 standard errors
+  plus 0.5 % (the grid's δ²/(12σ²) ≈ 0.1 % on each Gaussian's KL at 8 bins per std)."""
+  model, params = tiny_model()
+  images = random_images(32)
+  steps = 50
+  rate = sampled_rate(model, params, images, steps)
+  bound = codec_tools.discrete_bound(model, params, images, steps, batch_size=32)
+  diff = rate - bound
+  stderr = diff.std(ddof=1) / math.sqrt(len(diff))
+  assert abs(diff.mean()) < 0.005 * bound.mean() + 4 * stderr, (diff.mean(), stderr)
+  assert stderr < 0.02 * bound.mean()  # The test has the power to see a 10 % error.
+
+
+@pytest.mark.slow
+def test_net_rate_on_an_untrained_model_is_near_the_bound():
+  """The file's net rate against the bound at the same T on the same images.
+
+  Unlike exact sampling, the coder's pops read the bits its previous pushes wrote, and
+  those pushes code z_{i-1} under p(z_{i-1}|z_i) while z_{i-1} follows q(z_{i-1}|z_i, x):
+  the bits are not uniform, and the popped latents deviate from q. The excess grows with
+  the per-step mismatch, large for an untrained network (docs/maths.md §9 measures it
+  for trained ones). Here it is bounded by 15 %; a wrong mean or variance anywhere in
+  the scheme costs a factor instead.
   """
   model, params = tiny_model()
   images = random_images(16)
-  steps = 200
+  steps = 100
   _, report = codec.compress(model, params, images, timesteps=steps, batch_size=16,
                              ideal_bits=True)
   bound = codec_tools.discrete_bound(model, params, images, steps, batch_size=16)
   diff = report.ideal_bits - bound
   stderr = diff.std(ddof=1) / math.sqrt(len(diff))
-  assert abs(diff.mean()) < 0.15 * bound.mean() + 4 * stderr, (diff.mean(), bound.mean())
+  assert diff.mean() > -4 * stderr
+  assert diff.mean() < 0.15 * bound.mean() + 4 * stderr, (diff.mean(), bound.mean())
 
 
 def test_coding_table_grids_are_fine_and_supports_small():

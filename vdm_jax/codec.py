@@ -380,12 +380,15 @@ def read_header(data: bytes) -> codec_format.Header:
 
 def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
                resolution: Optional[int] = None, support: Optional[int] = None,
-               allow_other_environment: bool = False) -> np.ndarray:
+               allow_other_environment: bool = False,
+               timings: Optional[dict] = None) -> np.ndarray:
   """The images [N, H, W, C] of a file written by `compress`, bit-exact, in order.
 
   The coding settings come from the file; those given here must agree with it.
+  `timings`, if a dict, receives seconds_network, seconds_coding and seconds_total.
   Raises codec_format.CorruptFileError, MismatchError or DecodeCheckError.
   """
+  start = time.perf_counter()
   header, payload = codec_format.unpack(data)
   settings = dict(timesteps=timesteps, resolution=resolution, support=support)
   tab = coding_table(gamma_grid(model, params, header.timesteps), header.resolution,
@@ -412,4 +415,7 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
         'Decoding did not reproduce the encoder\'s stream and images: the network '
         'outputs here differ from the encoder\'s (other device or software: '
         f'file "{header.environment}", here "{codec_format.environment()}").')
+  if timings is not None:
+    timings.update(seconds_network=net.seconds, seconds_coding=coder.seconds,
+                   seconds_total=time.perf_counter() - start)
   return images.astype(np.uint8 if vocab <= 256 else np.int32)
