@@ -47,7 +47,8 @@ def benchmark(config, workdir, num_images: int, timesteps: int) -> dict:
   model, params = model_and_params(config, workdir, images.shape[1:])
   c = config.codec
   kwargs = dict(timesteps=timesteps, batch_size=c.batch_size, first_group=c.first_group,
-                resolution=c.resolution, support=c.support)
+                resolution=c.resolution, first_resolution=c.first_resolution,
+                support=c.support)
   codec.decompress(model, params, codec.compress(model, params, images, **kwargs)[0])
   data, report = codec.compress(model, params, images, **kwargs)
   timings = {}

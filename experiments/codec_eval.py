@@ -53,10 +53,10 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
   images = np.asarray(images[:num] if num else images)
   model, params = codec_tools.restore(config, workdir)
   c = config.codec
-  data, report = codec.compress(model, params, images, timesteps=timesteps,
-                                batch_size=c.batch_size, first_group=c.first_group,
-                                resolution=c.resolution, support=c.support,
-                                ideal_bits=True)
+  data, report = codec.compress(
+      model, params, images, timesteps=timesteps, batch_size=c.batch_size,
+      first_group=c.first_group, resolution=c.resolution,
+      first_resolution=c.first_resolution, support=c.support, ideal_bits=True)
   timings = {}
   decoded = codec.decompress(model, params, data, timings=timings)
   if not np.array_equal(decoded, images):
@@ -73,7 +73,8 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
   return dict(
       dataset=config.data.dataset, split=config.eval.split, num_images=n,
       image_shape=list(images.shape[1:]), timesteps=timesteps,
-      resolution=c.resolution, support=c.support, batch_size=c.batch_size,
+      resolution=c.resolution, first_resolution=c.first_resolution,
+      support=c.support, batch_size=c.batch_size,
       file_bytes=len(data), file_bpd=report.file_bpd, net_bpd=report.net_bpd,
       initial_bits=report.initial_bits, initial_bpd=report.initial_bpd,
       header_bytes=report.header_bits // 8, coder_overhead_bits=float(overhead),

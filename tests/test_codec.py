@@ -103,7 +103,8 @@ def test_other_model_config_is_refused(encoded):
     codec.decompress(other, params, data)
 
 
-@pytest.mark.parametrize('setting', ['timesteps', 'resolution', 'support'])
+@pytest.mark.parametrize('setting', ['timesteps', 'resolution', 'first_resolution',
+                                     'support'])
 def test_other_coding_settings_are_refused(encoded, setting):
   _, data = encoded
   model, params = tiny_model()

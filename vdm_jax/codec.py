@@ -310,13 +310,16 @@ def _seed_size(tab: CodingTable, dims: int, first_group: int) -> int:
 
 
 def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 64,
-             first_group: int = 1, resolution: int = 8, support: int = 8,
-             ideal_bits: bool = False) -> tuple[bytes, codec_format.Report]:
+             first_group: int = 1, resolution: int = 8, first_resolution: int = 2,
+             support: int = 8, ideal_bits: bool = False) -> tuple[bytes, codec_format.Report]:
   """Codes uint8/integer images [N, H, W, C] into one file (§9); returns (file, report).
 
   timesteps: T of the discrete-time model. batch_size: largest network batch.
   first_group: images in the first group, whose pops take the initial bits.
-  resolution: grid bins per standard deviation; support: pop supports in stds.
+  resolution: grid bins per standard deviation; first_resolution: the same for the
+  first group, coarser so that its first pops need fewer initial bits (a coarse grid
+  changes each KL by a relative δ²/(12σ²), on one group only); support: pop supports
+  in stds.
   ideal_bits: also report each image's information content under the models coded
   (for paired comparisons with the bound; costs extra arithmetic).
   """
@@ -325,9 +328,11 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
   images = _check_images(images, vocab)
   n, shape = len(images), images.shape[1:]
   dims = math.prod(shape)
-  tab = coding_table(gamma_grid(model, params, timesteps), resolution, support)
-  net = Network(model, params, shape, vocab, tab.gamma[0])
-  seed_size = _seed_size(tab, dims, min(first_group, n))
+  gamma = gamma_grid(model, params, timesteps)
+  tabs = (coding_table(gamma, first_resolution, support),
+          coding_table(gamma, resolution, support))
+  net = Network(model, params, shape, vocab, gamma[0])
+  seed_size = _seed_size(tabs[0], dims, min(first_group, n))
   flat = images.reshape(n, dims)
   while True:
     seed = codec_format.seed_words(seed_size)
@@ -339,7 +344,8 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
       before = coder.bits()
       coder.group_min_bits = before
       coder.image_offset = pos
-      encode_group(coder, net, tab, flat[pos:pos + g], vocab, bucket(g, batch_size))
+      encode_group(coder, net, tabs[int(pos > 0)], flat[pos:pos + g], vocab,
+                   bucket(g, batch_size))
       dip_per_image = max(dip_per_image, (before - coder.group_min_bits) / g)
       floor = min(floor, coder.group_min_bits)
       groups.append(g)
@@ -356,8 +362,9 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
   payload = final[untouched:]
   header = codec_format.Header(
       config_hash=codec_format.config_hash(model.config),
-      params_hash=codec_format.params_hash(params), table_hash=tab.digest(),
-      timesteps=timesteps, resolution=resolution, support=support, num_images=n,
+      params_hash=codec_format.params_hash(params), table_hash=_tables_digest(tabs),
+      timesteps=timesteps, resolution=resolution, first_resolution=first_resolution,
+      support=support, num_images=n,
       image_shape=tuple(shape), vocab_size=vocab, batch_size=batch_size,
       seed_words=seed_size, untouched_words=untouched, payload_words=len(payload),
       payload_hash=codec_format.digest(np.asarray(payload, '<u4').tobytes()),
@@ -374,12 +381,17 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
   return data, report
 
 
+def _tables_digest(tabs) -> bytes:
+  return codec_format.digest(*(t.digest() for t in tabs))
+
+
 def read_header(data: bytes) -> codec_format.Header:
   return codec_format.unpack(data)[0]
 
 
 def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
-               resolution: Optional[int] = None, support: Optional[int] = None,
+               resolution: Optional[int] = None, first_resolution: Optional[int] = None,
+               support: Optional[int] = None,
                allow_other_environment: bool = False,
                timings: Optional[dict] = None) -> np.ndarray:
   """The images [N, H, W, C] of a file written by `compress`, bit-exact, in order.
@@ -390,15 +402,17 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
   """
   start = time.perf_counter()
   header, payload = codec_format.unpack(data)
-  settings = dict(timesteps=timesteps, resolution=resolution, support=support)
-  tab = coding_table(gamma_grid(model, params, header.timesteps), header.resolution,
-                     header.support)
+  settings = dict(timesteps=timesteps, resolution=resolution,
+                  first_resolution=first_resolution, support=support)
+  gamma = gamma_grid(model, params, header.timesteps)
+  tabs = (coding_table(gamma, header.first_resolution, header.support),
+          coding_table(gamma, header.resolution, header.support))
   codec_format.check_model(header, codec_format.config_hash(model.config),
-                           codec_format.params_hash(params), settings, tab.digest(),
+                           codec_format.params_hash(params), settings, _tables_digest(tabs),
                            allow_other_environment)
   vocab, shape = header.vocab_size, header.image_shape
   dims = math.prod(shape)
-  net = Network(model, params, shape, vocab, tab.gamma[0])
+  net = Network(model, params, shape, vocab, gamma[0])
   seed = codec_format.seed_words(header.seed_words)
   coder = _Coder(np.concatenate([seed[:header.untouched_words], payload]))
   images = np.zeros((header.num_images, dims), np.int64)
@@ -406,7 +420,7 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
   if not len(ends) or ends[-1] != header.num_images:
     raise codec_format.CorruptFileError('The group sizes do not add up to N.')
   for g, end in zip(header.group_sizes[::-1], ends[::-1]):
-    images[end - g:end] = decode_group(coder, net, tab, (g, dims), vocab,
+    images[end - g:end] = decode_group(coder, net, tabs[int(end > g)], (g, dims), vocab,
                                        bucket(g, header.batch_size))
   images = images.reshape((header.num_images,) + tuple(shape))
   if (not np.array_equal(coder.ans.get_compressed(), seed)

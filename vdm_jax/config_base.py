@@ -102,5 +102,6 @@ def get_config() -> ml_collections.ConfigDict:
   codec.batch_size = 64  # Largest network batch; a decoder uses the file's (it is in the header).
   codec.first_group = 1  # Images coded in the first group, whose first pops take the initial bits.
   codec.resolution = 8  # Latent grid bins per standard deviation of the narrowest Gaussian coded.
+  codec.first_resolution = 2  # The same for the first group: coarser, fewer initial bits.
   codec.support = 8  # Half-width of the coded Gaussians' supports, in standard deviations.
   return config
