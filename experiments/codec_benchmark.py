@@ -48,6 +48,7 @@ def benchmark(config, workdir, num_images: int, timesteps: int) -> dict:
   c = config.codec
   kwargs = dict(timesteps=timesteps, batch_size=c.batch_size, first_group=c.first_group,
                 resolution=c.resolution, first_resolution=c.first_resolution,
+                first_images=c.first_images,
                 support=c.support)
   codec.decompress(model, params, codec.compress(model, params, images, **kwargs)[0])
   data, report = codec.compress(model, params, images, **kwargs)

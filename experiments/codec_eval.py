@@ -56,7 +56,8 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
   data, report = codec.compress(
       model, params, images, timesteps=timesteps, batch_size=c.batch_size,
       first_group=c.first_group, resolution=c.resolution,
-      first_resolution=c.first_resolution, support=c.support, ideal_bits=True)
+      first_resolution=c.first_resolution,
+      first_images=c.first_images, support=c.support, ideal_bits=True)
   timings = {}
   decoded = codec.decompress(model, params, data, timings=timings)
   if not np.array_equal(decoded, images):
@@ -74,6 +75,7 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
       dataset=config.data.dataset, split=config.eval.split, num_images=n,
       image_shape=list(images.shape[1:]), timesteps=timesteps,
       resolution=c.resolution, first_resolution=c.first_resolution,
+      first_images=c.first_images,
       support=c.support, batch_size=c.batch_size,
       file_bytes=len(data), file_bpd=report.file_bpd, net_bpd=report.net_bpd,
       initial_bits=report.initial_bits, initial_bpd=report.initial_bpd,

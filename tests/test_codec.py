@@ -49,7 +49,7 @@ def random_images(n, vocab_size=17, channels=1, size=4, seed=0):
 
 def test_round_trip_random_images_groups_and_padding():
   # N = 5 with batch 2: groups of 1 and 2 images, the network batch padded.
-  data, report = round_trip(random_images(5))
+  data, report = round_trip(random_images(5), first_images=2)
   assert sum(report.group_sizes) == 5 and max(report.group_sizes) <= 2
   assert report.payload_bits + report.header_bits == 8 * len(data)
 
@@ -104,7 +104,7 @@ def test_other_model_config_is_refused(encoded):
 
 
 @pytest.mark.parametrize('setting', ['timesteps', 'resolution', 'first_resolution',
-                                     'support'])
+                                     'first_images', 'support'])
 def test_other_coding_settings_are_refused(encoded, setting):
   _, data = encoded
   model, params = tiny_model()

@@ -9,7 +9,7 @@ ANS stack (constriction) in the order that needs initial bits only for the first
              push z_T ~ N(0, I).
     decode:  the same steps in reverse, pushes and pops exchanged.
 
-    data, report = codec.compress(model, params, images, timesteps=100)
+    data, report = codec.compress(model, params, images, timesteps=400)
     images = codec.decompress(model, params, data)
 
 Latents live on grids z_i = k_i·δ_i, δ_i a fixed fraction of the standard deviations
@@ -17,7 +17,7 @@ coded at level i, and are coded as integer offsets from a reference point that t
 decoder can compute. The network sees the grid values, so encoder and decoder compute
 the same ε̂ bit for bit. Images are coded in groups, one batched network call per step
 per group; the first group is small because its first pops take the initial bits
-(about 10 bits per dimension and image) from a fixed pseudo-random seed, and each later
+(9 to 14 bits per dimension and image) from a fixed pseudo-random seed, and each later
 group is as large as the bits already on the stack allow (bounded by the batch).
 """
 
@@ -309,17 +309,17 @@ def _seed_size(tab: CodingTable, dims: int, first_group: int) -> int:
   return int(2 * bits / 32) + 64
 
 
-def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 64,
+def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 64,
              first_group: int = 1, resolution: int = 8, first_resolution: int = 2,
-             support: int = 8, ideal_bits: bool = False) -> tuple[bytes, codec_format.Report]:
+             first_images: int = 8, support: int = 8, ideal_bits: bool = False) -> tuple[bytes, codec_format.Report]:
   """Codes uint8/integer images [N, H, W, C] into one file (§9); returns (file, report).
 
   timesteps: T of the discrete-time model. batch_size: largest network batch.
   first_group: images in the first group, whose pops take the initial bits.
   resolution: grid bins per standard deviation; first_resolution: the same for the
-  first group, coarser so that its first pops need fewer initial bits (a coarse grid
-  changes each KL by a relative δ²/(12σ²), on one group only); support: pop supports
-  in stds.
+  groups that start before image `first_images`, coarser so that their first pops need
+  fewer initial bits until the stack holds enough (a coarse grid changes each KL by a
+  relative δ²/(12σ²), on those images only); support: pop supports in stds.
   ideal_bits: also report each image's information content under the models coded
   (for paired comparisons with the bound; costs extra arithmetic).
   """
@@ -344,7 +344,7 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
       before = coder.bits()
       coder.group_min_bits = before
       coder.image_offset = pos
-      encode_group(coder, net, tabs[int(pos > 0)], flat[pos:pos + g], vocab,
+      encode_group(coder, net, tabs[int(pos >= first_images)], flat[pos:pos + g], vocab,
                    bucket(g, batch_size))
       dip_per_image = max(dip_per_image, (before - coder.group_min_bits) / g)
       floor = min(floor, coder.group_min_bits)
@@ -364,7 +364,7 @@ def compress(model, params, images, *, timesteps: int = 100, batch_size: int = 6
       config_hash=codec_format.config_hash(model.config),
       params_hash=codec_format.params_hash(params), table_hash=_tables_digest(tabs),
       timesteps=timesteps, resolution=resolution, first_resolution=first_resolution,
-      support=support, num_images=n,
+      first_images=first_images, support=support, num_images=n,
       image_shape=tuple(shape), vocab_size=vocab, batch_size=batch_size,
       seed_words=seed_size, untouched_words=untouched, payload_words=len(payload),
       payload_hash=codec_format.digest(np.asarray(payload, '<u4').tobytes()),
@@ -391,7 +391,7 @@ def read_header(data: bytes) -> codec_format.Header:
 
 def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
                resolution: Optional[int] = None, first_resolution: Optional[int] = None,
-               support: Optional[int] = None,
+               first_images: Optional[int] = None, support: Optional[int] = None,
                allow_other_environment: bool = False,
                timings: Optional[dict] = None) -> np.ndarray:
   """The images [N, H, W, C] of a file written by `compress`, bit-exact, in order.
@@ -403,7 +403,8 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
   start = time.perf_counter()
   header, payload = codec_format.unpack(data)
   settings = dict(timesteps=timesteps, resolution=resolution,
-                  first_resolution=first_resolution, support=support)
+                  first_resolution=first_resolution, first_images=first_images,
+                  support=support)
   gamma = gamma_grid(model, params, header.timesteps)
   tabs = (coding_table(gamma, header.first_resolution, header.support),
           coding_table(gamma, header.resolution, header.support))
@@ -420,7 +421,8 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
   if not len(ends) or ends[-1] != header.num_images:
     raise codec_format.CorruptFileError('The group sizes do not add up to N.')
   for g, end in zip(header.group_sizes[::-1], ends[::-1]):
-    images[end - g:end] = decode_group(coder, net, tabs[int(end > g)], (g, dims), vocab,
+    images[end - g:end] = decode_group(coder, net, tabs[int(end - g >= header.first_images)],
+                                       (g, dims), vocab,
                                        bucket(g, header.batch_size))
   images = images.reshape((header.num_images,) + tuple(shape))
   if (not np.array_equal(coder.ans.get_compressed(), seed)

@@ -29,11 +29,11 @@ MAGIC = b'VDMC'
 VERSION = 1
 DIGEST_BYTES = 16  # Truncated SHA-256: 128 bits, for identity checks only.
 
-# magic, version, config/params/table hashes, T, resolution, first-group resolution,
-# support, N, H, W, C, V,
+# magic, version, config/params/table hashes, T, resolution, coarse resolution, coarse
+# images, support, N, H, W, C, V,
 # network batch, seed words, untouched seed words, payload words, payload hash,
 # images hash, number of groups.
-_FIXED = struct.Struct('<4sB16s16s16s' 'IHHH' 'IHHHI' 'HIII' '16s16sI')
+_FIXED = struct.Struct('<4sB16s16s16s' 'IHHIH' 'IHHHI' 'HIII' '16s16sI')
 
 
 class CodecError(Exception):
@@ -60,7 +60,8 @@ class Header:
   table_hash: bytes  # digest of the coding table (codec.CodingTable.digest)
   timesteps: int  # T of the discrete-time model
   resolution: int  # grid bins per standard deviation
-  first_resolution: int  # the same for the first group, whose pops take the initial bits
+  first_resolution: int  # the same for the first groups, whose pops take the initial bits
+  first_images: int  # groups starting before this image use first_resolution
   support: int  # half-width of the pop supports, in standard deviations
   num_images: int  # N
   image_shape: tuple  # (H, W, C)
@@ -77,7 +78,8 @@ class Header:
   @property
   def settings(self) -> dict:
     return dict(timesteps=self.timesteps, resolution=self.resolution,
-                first_resolution=self.first_resolution, support=self.support)
+                first_resolution=self.first_resolution, first_images=self.first_images,
+                support=self.support)
 
 
 @dataclasses.dataclass
@@ -170,7 +172,8 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
   env = header.environment.encode()
   head = _FIXED.pack(
       MAGIC, VERSION, header.config_hash, header.params_hash, header.table_hash,
-      header.timesteps, header.resolution, header.first_resolution, header.support, header.num_images, h, w, c,
+      header.timesteps, header.resolution, header.first_resolution, header.first_images,
+      header.support, header.num_images, h, w, c,
       header.vocab_size, header.batch_size, header.seed_words, header.untouched_words,
       header.payload_words, header.payload_hash, header.images_hash,
       len(header.group_sizes))
@@ -203,10 +206,10 @@ def unpack(data: bytes) -> tuple[Header, np.ndarray]:
     raise CorruptFileError('The header was altered (its checksum does not match).')
   header = Header(
       config_hash=f[2], params_hash=f[3], table_hash=f[4], timesteps=f[5],
-      resolution=f[6], first_resolution=f[7], support=f[8], num_images=f[9],
-      image_shape=tuple(f[10:13]), vocab_size=f[13], batch_size=f[14], seed_words=f[15],
-      untouched_words=f[16], payload_words=f[17], payload_hash=f[18], images_hash=f[19],
-      group_sizes=groups,
+      resolution=f[6], first_resolution=f[7], first_images=f[8], support=f[9],
+      num_images=f[10], image_shape=tuple(f[11:14]), vocab_size=f[14], batch_size=f[15],
+      seed_words=f[16], untouched_words=f[17], payload_words=f[18], payload_hash=f[19],
+      images_hash=f[20], group_sizes=groups,
       environment=data[pos + 2:end].decode())
   body = data[end + DIGEST_BYTES:]
   if len(body) != 4 * header.payload_words:

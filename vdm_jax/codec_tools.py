@@ -114,7 +114,8 @@ def restore(config, workdir: str):
 def codec_kwargs(config) -> dict:
   c = config.codec
   return dict(timesteps=c.timesteps, resolution=c.resolution,
-              first_resolution=c.first_resolution, support=c.support)
+              first_resolution=c.first_resolution, first_images=c.first_images,
+              support=c.support)
 
 
 def compress_command(config, workdir: str, input_path: str, output_path: str) -> str:
