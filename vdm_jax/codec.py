@@ -302,6 +302,11 @@ def _check_images(images, vocab_size: int) -> np.ndarray:
   return images.astype(np.int64)
 
 
+def _first_pops_bits(tab: CodingTable, dims: int) -> float:
+  """Expected bits of an image's first two pops (z_0, z_1): its dip before any push."""
+  return dims * (math.log2(tab.q_std[0] * tab.q_std[1]) + math.log2(2 * math.pi * math.e))
+
+
 def _seed_size(tab: CodingTable, dims: int, first_group: int) -> int:
   """Seed words for the first group's dip: its first two pops' supports, twice."""
   bits = dims * first_group * (math.log2(2 * tab.q_half[0] + 1) +
@@ -338,20 +343,22 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
     seed = codec_format.seed_words(seed_size)
     coder = _Coder(seed, ideal_bits=n if ideal_bits else None)
     seed_bits = coder.bits()
-    floor, dip_per_image, groups, pos = coder.bits(), 1.0, [], 0
+    floor, groups, pos = coder.bits(), [], 0
+    dips = [None, None]  # Largest dip per image measured with each table.
     g = max(1, min(first_group, n, batch_size))
     while pos < n:
       before = coder.bits()
       coder.group_min_bits = before
       coder.image_offset = pos
-      encode_group(coder, net, tabs[int(pos >= first_images)], flat[pos:pos + g], vocab,
-                   bucket(g, batch_size))
-      dip_per_image = max(dip_per_image, (before - coder.group_min_bits) / g)
+      t = int(pos >= first_images)
+      encode_group(coder, net, tabs[t], flat[pos:pos + g], vocab, bucket(g, batch_size))
+      dips[t] = max(dips[t] or 0.0, (before - coder.group_min_bits) / g)
       floor = min(floor, coder.group_min_bits)
       groups.append(g)
       pos += g
-      g = int(min(batch_size, n - pos,
-                  max(1, (coder.bits() - floor) // dip_per_image)))
+      t = int(pos >= first_images)
+      dip = dips[t] or 1.25 * _first_pops_bits(tabs[t], dims)
+      g = int(min(batch_size, n - pos, max(1, (coder.bits() - floor) // max(dip, 1.0))))
     if coder.min_words > 4:
       break
     seed_size *= 4  # The seed ran dry: its draws were not from q. Start again.
