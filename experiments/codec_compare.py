@@ -8,7 +8,9 @@ PNG (optimize=True, compress_level=9) and as lossless WebP (quality=100, method=
 checks that each decodes to the original, and reports bpd = 8·bytes/(H·W·C) per
 image, file headers included, as the mean ± standard error over images. The model's
 row is WORKDIR/eval_results.json (`--mode=eval`): its variational bound, the code
-length that bits-back coding with the model would approach (no bitstream is written).
+length that bits-back coding with the model approaches; the row "VDM bits-back (actual
+file)" is WORKDIR/codec_eval.json (experiments/codec_eval.py): the size of one real file
+holding all the images, which decodes to them bit for bit.
 Prints a Markdown table and writes WORKDIR/compression.md and compression.json.
 
 Codec bits are bits per stored 8-bit sub-pixel; for data with V < 256 values (the
@@ -37,6 +39,7 @@ from vdm_jax import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'eval_results.json'
+CODEC_FILE = 'codec_eval.json'  # written by experiments/codec_eval.py
 _MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # Channels -> PIL mode.
 CODECS = {
     'PNG': ('PNG', dict(optimize=True, compress_level=9),
@@ -103,6 +106,24 @@ def model_row(workdir: str, num_images: int, split: str):
               notes='; '.join(notes))
 
 
+def codec_row(workdir: str, num_images: int, split: str):
+  """The row of WORKDIR/codec_eval.json (a real bits-back file), or None."""
+  path = os.path.join(workdir, CODEC_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    r = json.load(f)
+  notes = [f"one file of {r['file_bytes']} bytes (header and {r['initial_bits']} initial "
+           f"bits included), T = {r['timesteps']}; net {r['net_bpd']:.4f} bpd against the "
+           f"T-step bound {r['bound_bpd']:.4f}: {r['net_minus_bound_bpd']:+.4f} ± "
+           f"{r['net_minus_bound_stderr']:.4f} per image; decoded and checked"]
+  if r['num_images'] != num_images or r['split'] != split:
+    notes.append(f"WARNING: coded {r['num_images']} images of split '{r['split']}', the "
+                 f"codecs {num_images} of '{split}'")
+  return dict(method='VDM bits-back (actual file)', bpd=float(r['file_bpd']),
+              bpd_stderr=float('nan'), notes='; '.join(notes))
+
+
 def compare(config, workdir=None) -> dict:
   """Codec and model bpd on the evaluation images of `config`; JSON-ready."""
   split = config.eval.split
@@ -117,6 +138,9 @@ def compare(config, workdir=None) -> dict:
   model = model_row(workdir, len(images), split) if workdir else None
   if model:
     rows.append(model)
+  coded = codec_row(workdir, len(images), split) if workdir else None
+  if coded:
+    rows.append(coded)
   return dict(dataset=config.data.dataset, split=split, num_images=len(images),
               image_shape=list(images.shape[1:]), rows=rows,
               eval_results=os.path.join(workdir, RESULTS_FILE) if model else None)
@@ -129,8 +153,8 @@ def markdown(results: dict) -> str:
            'error over images:', '',
            '| method | bpd | ± stderr | notes |', '|---|---|---|---|']
   for r in results['rows']:
-    lines.append(f"| {r['method']} | {r['bpd']:.3f} | {r['bpd_stderr']:.3f} | "
-                 f"{r['notes']} |")
+    stderr = '' if math.isnan(r['bpd_stderr']) else f"{r['bpd_stderr']:.3f}"
+    lines.append(f"| {r['method']} | {r['bpd']:.3f} | {stderr} | {r['notes']} |")
   if results['eval_results'] is None:
     lines += ['', 'No model row: no eval_results.json (pass the --workdir of a model '
               'evaluated with `python -m vdm_jax.main --mode=eval`).']

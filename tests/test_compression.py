@@ -70,3 +70,16 @@ def test_table_has_a_model_row_when_eval_results_exist(tmp_path):
   results['num_examples'] = 297
   (tmp_path / 'eval_results.json').write_text(json.dumps(results))
   assert 'WARNING' in compression.compare(config, str(tmp_path))['rows'][-1]['notes']
+
+
+def test_table_has_the_bits_back_file_row_when_codec_results_exist(tmp_path):
+  config = _digits_config(num_examples=8)
+  results = dict(num_images=8, split='test', file_bytes=300, initial_bits=640,
+                 timesteps=400, net_bpd=2.02, bound_bpd=2.00, file_bpd=4.69,
+                 net_minus_bound_bpd=0.02, net_minus_bound_stderr=0.01)
+  (tmp_path / 'codec_eval.json').write_text(json.dumps(results))
+  row = compression.compare(config, str(tmp_path))['rows'][-1]
+  assert row['method'] == 'VDM bits-back (actual file)' and row['bpd'] == 4.69
+  assert 'T = 400' in row['notes'] and 'WARNING' not in row['notes']
+  assert '| VDM bits-back (actual file) | 4.690 |  |' in compression.markdown(
+      compression.compare(config, str(tmp_path)))

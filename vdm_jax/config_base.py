@@ -96,4 +96,14 @@ def get_config() -> ml_collections.ConfigDict:
   sample.timesteps = 1000  # T of the ancestral sampler.
   sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
   sample.conditioning = 0.0  # The conditioning value given to every sample.
+
+  # ------------------------------------------------ bits-back coding (vdm_jax/codec.py)
+  config.codec = codec = ml_collections.ConfigDict()
+  codec.timesteps = 400  # T of the discrete-time model the files use (docs/maths.md §9: rate against time).
+  codec.batch_size = 64  # Largest network batch; a decoder uses the file's (it is in the header).
+  codec.first_group = 1  # Images coded in the first group, whose first pops take the initial bits.
+  codec.resolution = 8  # Latent grid bins per standard deviation of the narrowest Gaussian coded.
+  codec.first_resolution = 2  # The same for the first images: coarser, fewer initial bits.
+  codec.first_images = 8  # Groups that start before this image use first_resolution.
+  codec.support = 8  # Half-width of the coded Gaussians' supports, in standard deviations.
   return config

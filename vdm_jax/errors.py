@@ -105,10 +105,11 @@ def _filesystem_message(exc: BaseException, workdir: Optional[str]) -> Optional[
 def reported(verbose: bool = False, workdir: Optional[str] = None):
   """Turns faults of input or environment into `error: …` and an exit status."""
   # pylint: disable=g-import-not-at-top
-  from vdm_jax import checkpoints, original, train, validation
+  from vdm_jax import checkpoints, codec_format, original, train, validation
   from vdm_jax import workdir as workdir_lib
   user_errors = (validation.ConfigError, workdir_lib.WorkdirError,
                  checkpoints.CheckpointError, original.OriginalCheckpointError,
+                 codec_format.CodecError,
                  NonFiniteError, FileNotFoundError, FileExistsError)
   try:
     yield

@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdm_jax import codec_tools
 from vdm_jax import evaluate
 from vdm_jax import errors
 from vdm_jax import original
@@ -32,13 +33,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Fixed directory for checkpoints, logs, results.')
-flags.DEFINE_enum('mode', 'train', ('train', 'eval', 'sample', 'import_original'),
-                  'What to do.')
+flags.DEFINE_enum('mode', 'train', ('train', 'eval', 'sample', 'import_original',
+                                    'compress', 'decompress'), 'What to do.')
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume training although the saved config defines another model.')
 flags.DEFINE_string('original_checkpoint', None,
                     "For --mode=import_original: the original code's checkpoints-0/ folder "
                     'or a ckpt-N.flax file in it.')
+flags.DEFINE_string('input', None, 'For --mode=compress: images (.npz or a folder of '
+                    'PNG files); for --mode=decompress: a compressed file.')
+flags.DEFINE_string('output', None, 'For --mode=compress: the compressed file; for '
+                    '--mode=decompress: a .npz or a folder for PNG files.')
 flags.DEFINE_bool('verbose', False, 'Show the traceback of every error.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
@@ -96,8 +101,16 @@ def _import_original(config):
   print(f'imported {FLAGS.original_checkpoint} into {path}')
 
 
+def _codec(config):
+  if not FLAGS.input or not FLAGS.output:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --input=PATH and --output=PATH.')
+  command = (codec_tools.compress_command if FLAGS.mode == 'compress'
+             else codec_tools.decompress_command)
+  print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output))
+
+
 MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
-         'import_original': _import_original}
+         'import_original': _import_original, 'compress': _codec, 'decompress': _codec}
 
 
 def main(argv):
