@@ -27,7 +27,7 @@ import numpy as np
 
 from vdm_jax import codec
 from vdm_jax import codec_tools
-from vdm_jax import input_pipeline
+from vdm_jax import datasets
 from vdm_jax import vdm
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -43,7 +43,7 @@ def model_and_params(config, workdir, image_shape):
 
 
 def benchmark(config, workdir, num_images: int, timesteps: int) -> dict:
-  images = np.asarray(input_pipeline.load_split(config.data, config.eval.split)[:num_images])
+  images = np.asarray(datasets.load_split(config.data, config.eval.split)[:num_images])
   model, params = model_and_params(config, workdir, images.shape[1:])
   c = config.codec
   kwargs = dict(timesteps=timesteps, batch_size=c.batch_size, first_group=c.first_group,

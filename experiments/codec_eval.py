@@ -39,7 +39,7 @@ import numpy as np
 import codec_compare
 from vdm_jax import codec
 from vdm_jax import codec_tools
-from vdm_jax import input_pipeline
+from vdm_jax import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'codec_eval.json'
@@ -48,7 +48,7 @@ RESULTS_FILE = 'codec_eval.json'
 def evaluate(config, workdir: str, timesteps: int, num_images=None,
              bound_draws: int = 1) -> dict:
   """Compress, decompress and compare with the bound; JSON-ready results."""
-  images = input_pipeline.load_split(config.data, config.eval.split)
+  images = datasets.load_split(config.data, config.eval.split)
   num = num_images or config.eval.num_examples
   images = np.asarray(images[:num] if num else images)
   model, params = codec_tools.restore(config, workdir)

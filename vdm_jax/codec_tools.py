@@ -106,9 +106,9 @@ def save_images(images: np.ndarray, path: str) -> str:
 def restore(config, workdir: str):
   """(model, params) of the workdir's newest checkpoint, the parameters that
   evaluation uses (EMA unless config.eval.use_ema is False)."""
-  from vdm_jax import train  # pylint: disable=g-import-not-at-top
-  model, state, _, _ = train.restore_for_inference(config, workdir)
-  return model, state.ema_params if config.eval.use_ema else state.params
+  from vdm_jax import build  # pylint: disable=g-import-not-at-top
+  run, state = build.restore(config, workdir)
+  return run.model, run.eval_params(state)
 
 
 def codec_kwargs(config) -> dict:
