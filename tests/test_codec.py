@@ -2,7 +2,6 @@
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
-import dataclasses
 import functools
 import math
 
@@ -13,6 +12,7 @@ import pytest
 
 from configs import test as test_config
 from vdm_jax import codec
+from vdm_jax import codec_table
 from vdm_jax import codec_format
 from vdm_jax import codec_tools
 from vdm_jax import vdm
@@ -203,7 +203,7 @@ class ExactSampler:
 def sampled_rate(model, params, images, steps, resolution=8, support=8):
   """Per-image code length (bits) of the scheme with exact samples from q."""
   vocab = int(model.config.vocab_size)
-  tab = codec.coding_table(codec.gamma_grid(model, params, steps), resolution, support)
+  tab = codec_table.coding_table(codec_table.gamma_grid(model, params, steps), resolution, support)
   net = codec.Network(model, params, images.shape[1:], vocab, tab.gamma[0])
   sampler = ExactSampler(len(images))
   codec.encode_group(sampler, net, tab, images.reshape(len(images), -1).astype(np.int64),
@@ -253,7 +253,7 @@ def test_net_rate_on_an_untrained_model_is_near_the_bound():
 
 def test_coding_table_grids_are_fine_and_supports_small():
   gamma = np.linspace(-13.3, 5.0, 1001).astype(np.float32).astype(np.float64)
-  tab = codec.coding_table(gamma, resolution=8, support=8)
+  tab = codec_table.coding_table(gamma, resolution=8, support=8)
   # Every Gaussian coded has at least `resolution` bins per standard deviation...
   assert tab.q_std.min() >= 8 - 1e-9 and tab.p_std.min() >= 8 - 1e-9
   # ...and supports far below constriction's 2^24 probability resolution.

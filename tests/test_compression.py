@@ -8,7 +8,6 @@ import pytest
 
 import common
 from vdm_jax import config_base
-from vdm_jax import input_pipeline
 from vdm_jax import datasets
 
 compression = common.load_experiment('codec_compare.py')

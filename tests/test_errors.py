@@ -1,7 +1,6 @@
 """Tests of vdm_jax.errors: faults of input or environment become messages and exit 2."""
 
 import errno
-import os
 
 import pytest
 

@@ -26,7 +26,6 @@ import common
 from vdm_jax import build
 from vdm_jax import checkpoints
 from vdm_jax import original
-from vdm_jax import train
 from vdm_jax import validation
 from vdm_jax import vdm
 from vdm_jax import workdir as workdir_lib

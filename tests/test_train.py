@@ -10,12 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 import common
-from vdm_jax import build
 from vdm_jax import datasets
 from vdm_jax import evaluate
-from vdm_jax import input_pipeline
 from vdm_jax import optim
-from vdm_jax import parallel
 from vdm_jax import sampling
 from vdm_jax import train
 

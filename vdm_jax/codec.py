@@ -21,10 +21,9 @@ per group; the first group is small because its first pops take the initial bits
 group is as large as the bits already on the stack allow (bounded by the batch).
 """
 
-import dataclasses
 import math
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import constriction
 import flax.linen as nn
@@ -34,84 +33,11 @@ import numpy as np
 from scipy import special
 
 from vdm_jax import codec_format
+from vdm_jax import codec_table
 from vdm_jax import vdm
 
 _QG = constriction.stream.model.QuantizedGaussian
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
-MAX_BINS = 1 << 20  # constriction quantises probabilities to 2^-24: keep supports far below.
-
-
-# ------------------------------------------------------------------ the coding table
-@dataclasses.dataclass(frozen=True)
-class CodingTable:
-  """Per-level constants of the scheme, float64, computed once from γ(i/T) (§9).
-
-  Level i holds z_i, i = 0..T. Every per-step quantity below is a product or sum of
-  these constants with integers or network outputs, so it is reproduced exactly.
-  """
-  timesteps: int
-  resolution: int
-  support: int
-  gamma: np.ndarray  # [T+1] γ(i/T), float32 values
-  delta: np.ndarray  # [T+1] grid width δ_i
-  q_std: np.ndarray  # [T+1] std of the pop at level i, in bins: σ_0 or σ_{i|i-1}
-  q_coef: np.ndarray  # [T+1] q mean in bins: q_coef·f at level 0, q_coef·k_{i-1} above
-  q_half: np.ndarray  # [T+1] half-width of the pop's support, in bins
-  p_std: np.ndarray  # [T+1] std of the push at level i: p(z_i|z_{i+1}), or N(0,1) at T
-  p_centre: np.ndarray  # [T+1] centre of that push in bins = p_centre·k_{i+1}
-  p_eps: np.ndarray  # [T+1] p mean in bins = centre − p_eps·ε̂(z_{i+1})
-  p_half: np.ndarray  # [T+1] half-width of the push's support, in bins
-
-  def digest(self) -> bytes:
-    return codec_format.digest(*(np.ascontiguousarray(getattr(self, f.name)).tobytes()
-                                 if isinstance(getattr(self, f.name), np.ndarray)
-                                 else str(getattr(self, f.name)).encode()
-                                 for f in dataclasses.fields(self)))
-
-
-def coding_table(gamma: np.ndarray, resolution: int, support: int) -> CodingTable:
-  """The table for γ(i/T), i = 0..T (§9).
-
-  α_i² = sigmoid(−γ_i), σ_i² = sigmoid(γ_i), c_i = −expm1(γ_{i−1} − γ_i);
-  q(z_i|z_{i−1}) = N(α_i/α_{i−1}·z_{i−1}, c_i σ_i²), q(z_0|x) = N(α_0 f, σ_0²);
-  p(z_{i−1}|z_i) = N(α_{i−1}/α_i·(z_i − σ_i c_i ε̂), c_i σ_{i−1}²) (§7).
-  δ_i = min(pop std, push std)/resolution at level i.
-  """
-  g = np.asarray(gamma, np.float64)
-  T = len(g) - 1
-  alpha = np.sqrt(1.0 / (1.0 + np.exp(g)))
-  sigma = np.sqrt(1.0 / (1.0 + np.exp(-g)))
-  c = np.concatenate([[np.nan], -np.expm1(g[:-1] - g[1:])])
-  if not np.all(c[1:] > 0):
-    raise codec_format.CodecError('γ(i/T) must increase strictly with i; the schedule '
-                                  'is flat somewhere at this T.')
-  q_std_abs = np.concatenate([[sigma[0]], np.sqrt(c[1:]) * sigma[1:]])
-  p_std_abs = np.concatenate([np.sqrt(c[1:]) * sigma[:-1], [1.0]])
-  delta = np.minimum(q_std_abs, p_std_abs) / resolution
-  q_coef = np.concatenate([[alpha[0] / delta[0]],
-                           alpha[1:] / alpha[:-1] * delta[:-1] / delta[1:]])
-  q_std = q_std_abs / delta
-  q_half = np.ceil(support * q_std) + 1
-  # The push of z_{i-1} is centred on z_i/α_{i|i-1}: z_{i-1} lies within the pop's
-  # support of z_i around it, mapped back, plus the two roundings to the grid.
-  p_centre = np.concatenate([delta[1:] / delta[:-1] * alpha[:-1] / alpha[1:], [0.0]])
-  p_eps = np.concatenate([alpha[:-1] / alpha[1:] * sigma[1:] * c[1:] / delta[:-1], [0.0]])
-  p_half = np.concatenate([np.ceil((q_half[1:] + 0.5) * p_centre[:-1] + 0.5) + 1,
-                           [np.ceil((alpha[T] + 2 * support * sigma[T]) / delta[T]) + 1]])
-  if max(q_half.max(), p_half.max()) * 2 + 1 > MAX_BINS:
-    raise codec_format.CodecError(
-        f'A support of {int(max(q_half.max(), p_half.max())) * 2 + 1} bins exceeds '
-        f'{MAX_BINS}: lower codec.resolution or codec.support.')
-  return CodingTable(T, int(resolution), int(support), g, delta, q_std, q_coef,
-                     q_half.astype(np.int64), p_std_abs / delta, p_centre, p_eps,
-                     p_half.astype(np.int64))
-
-
-def gamma_grid(model, params, timesteps: int) -> np.ndarray:
-  """γ(i/T) for i = 0..T as the model computes it (float32), as float64."""
-  t = jnp.arange(timesteps + 1, dtype=jnp.float32) / timesteps
-  g = model.apply({'params': params}, t, method=lambda m, t: m.gamma(t))
-  return np.asarray(jax.device_get(g), np.float64)
 
 
 # ------------------------------------------------------------------ network calls
@@ -247,7 +173,7 @@ def _gauss_bits(off, mean, std, half) -> np.ndarray:
   return -np.log2(np.maximum(mass / total, 2.0**-24))
 
 
-def encode_group(coder: _Coder, net: Network, tab: CodingTable, x: np.ndarray,
+def encode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, x: np.ndarray,
                  vocab_size: int, batch: int) -> None:
   """Pushes the images x [g, D] onto the stack (the encoding order of §9)."""
   T = tab.timesteps
@@ -267,7 +193,7 @@ def encode_group(coder: _Coder, net: Network, tab: CodingTable, x: np.ndarray,
   coder.push(k, tab.p_half[T], zero, zero, tab.p_std[T])
 
 
-def decode_group(coder: _Coder, net: Network, tab: CodingTable, shape,
+def decode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, shape,
                  vocab_size: int, batch: int) -> np.ndarray:
   """Pops g images [g, D] off the stack: encode_group run backwards."""
   T = tab.timesteps
@@ -302,12 +228,12 @@ def _check_images(images, vocab_size: int) -> np.ndarray:
   return images.astype(np.int64)
 
 
-def _first_pops_bits(tab: CodingTable, dims: int) -> float:
+def _first_pops_bits(tab: codec_table.CodingTable, dims: int) -> float:
   """Expected bits of an image's first two pops (z_0, z_1): its dip before any push."""
   return dims * (math.log2(tab.q_std[0] * tab.q_std[1]) + math.log2(2 * math.pi * math.e))
 
 
-def _seed_size(tab: CodingTable, dims: int, first_group: int) -> int:
+def _seed_size(tab: codec_table.CodingTable, dims: int, first_group: int) -> int:
   """Seed words for the first group's dip: its first two pops' supports, twice."""
   bits = dims * first_group * (math.log2(2 * tab.q_half[0] + 1) +
                                math.log2(2 * tab.q_half[1] + 1))
@@ -333,9 +259,9 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
   images = _check_images(images, vocab)
   n, shape = len(images), images.shape[1:]
   dims = math.prod(shape)
-  gamma = gamma_grid(model, params, timesteps)
-  tabs = (coding_table(gamma, first_resolution, support),
-          coding_table(gamma, resolution, support))
+  gamma = codec_table.gamma_grid(model, params, timesteps)
+  tabs = (codec_table.coding_table(gamma, first_resolution, support),
+          codec_table.coding_table(gamma, resolution, support))
   net = Network(model, params, shape, vocab, gamma[0])
   seed_size = _seed_size(tabs[0], dims, min(first_group, n))
   flat = images.reshape(n, dims)
@@ -412,9 +338,9 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
   settings = dict(timesteps=timesteps, resolution=resolution,
                   first_resolution=first_resolution, first_images=first_images,
                   support=support)
-  gamma = gamma_grid(model, params, header.timesteps)
-  tabs = (coding_table(gamma, header.first_resolution, header.support),
-          coding_table(gamma, header.resolution, header.support))
+  gamma = codec_table.gamma_grid(model, params, header.timesteps)
+  tabs = (codec_table.coding_table(gamma, header.first_resolution, header.support),
+          codec_table.coding_table(gamma, header.resolution, header.support))
   codec_format.check_model(header, codec_format.config_hash(model.config),
                            codec_format.params_hash(params), settings, _tables_digest(tabs),
                            allow_other_environment)

@@ -57,7 +57,7 @@ class Header:
   """Everything a decoder needs besides the model and the payload."""
   config_hash: bytes  # digest of the model-defining config (config.model)
   params_hash: bytes  # digest of the parameters' names, shapes, dtypes and bytes
-  table_hash: bytes  # digest of the coding table (codec.CodingTable.digest)
+  table_hash: bytes  # digest of the coding table (codec_table.CodingTable.digest)
   timesteps: int  # T of the discrete-time model
   resolution: int  # grid bins per standard deviation
   first_resolution: int  # the same for the first groups, whose pops take the initial bits

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vdm_jax import codec
+from vdm_jax import codec_table
 from vdm_jax import codec_format
 from vdm_jax import vdm
 
@@ -31,7 +32,7 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
   vocab = int(model.config.vocab_size)
   images = codec._check_images(images, vocab)
   n = len(images)
-  gam = jnp.asarray(codec.gamma_grid(model, params, timesteps), jnp.float32)
+  gam = jnp.asarray(codec_table.gamma_grid(model, params, timesteps), jnp.float32)
   batch = min(batch_size, n)
   nats = np.zeros(n)
 

@@ -4,7 +4,6 @@ Every message names the field, the value given and what is accepted; all problem
 reported at once. Inside the package the locked, validated config is trusted.
 """
 
-from typing import Optional
 
 from flax import traverse_util
 import jax
