@@ -52,7 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # Compute dtype of the network: float32 | bfloat16 (params stay float32).
   model.remat = False  # Keep only each ResNet/attention block's inputs; recompute it in the backward pass (vdm_jax/remat.py).
   model.attention_impl = 'auto'  # Self-attention: batched | chunked (a loop over a few images, cache-friendly) | auto (= chunked on CPU, batched elsewhere).
-  model.conv_impl = 'auto'  # 3x3 convolution: xla | patches (im2col matmul, custom VJP) | auto (= xla, fastest measured).
 
   # -------------------------------------------------------------- optimiser (§8)
   config.optimizer = opt = ml_collections.ConfigDict()

@@ -15,15 +15,14 @@ from vdm_jax import optim
 from vdm_jax import schedules
 from vdm_jax import vdm
 
-CONV_IMPLS = ('auto', 'xla', 'patches')
 ATTENTION_IMPLS = networks.ATTENTION_IMPLS
 DTYPES = ('float32', 'bfloat16')
 DECODES = ('argmax', 'draw')
 # Fields that change what the model computes or its parameters: a resumed workdir
 # must not silently continue with other values.
-# (How the model is computed or trained — remat, conv_impl, attention_impl, dtype,
+# (How the model is computed or trained — remat, attention_impl, dtype,
 # the weighting of the training objective, the §4 gradient — may change between runs.)
-_NOT_MODEL_DEFINING = ('remat', 'conv_impl', 'attention_impl', 'dtype', 'weighting',
+_NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting',
                        'sigmoid_bias', 'sigmoid_scale', 'schedule_variance_reduction',
                        'antithetic_time_sampling')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
@@ -71,7 +70,6 @@ def check_fields(config) -> list[str]:
   _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
   _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
   _choice(errors, 'model.dtype', m.dtype, DTYPES)
-  _choice(errors, 'model.conv_impl', m.conv_impl, CONV_IMPLS)
   _choice(errors, 'model.attention_impl', m.attention_impl, ATTENTION_IMPLS)
   _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
   _choice(errors, 'optimizer.weight_decay_mask', o.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
