@@ -7,6 +7,13 @@ XLA's cost analysis of the compiled computations; memory is XLA's memory analysi
 the compiled train step plus the process's peak RSS.
 
   python experiments/benchmark.py --config=configs/mnist.py
+  # The paper's single-resolution network at n_embd 32, 4 blocks, 28x28x1, batch 32,
+  # AdamW, continuous time, dropout 0.1 (BENCHMARKS.md, "the paper's network"):
+  python experiments/benchmark.py --config=configs/mnist.py --config.model.n_embd=32 \
+      --config.model.n_layer=4 --config.model.channel_mult='(1,)' \
+      --config.model.groupnorm_groups=32 --config.model.p_drop=0.1 \
+      --config.model.weighting=elbo --config.training.batch_size=32 \
+      --config.training.steps_per_call=1 --eval_batch_size=32 --repeats=5 --skip_sampler
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=16 \
       --remat_compare --memory_only
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=4 \
