@@ -41,6 +41,7 @@ def get_config():
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50
   config.optimizer.ema_rate = 0.999
+  config.optimizer.weight_decay_mask = 'kernels'  # the mask its measured figures used
   config.training.batch_size = 8
   config.training.num_steps = 11_000  # ~9 min at ~20 steps/s on 2 idle CPU cores
   config.training.steps_per_call = 2

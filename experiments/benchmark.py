@@ -7,11 +7,17 @@ XLA's cost analysis of the compiled computations; memory is XLA's memory analysi
 the compiled train step plus the process's peak RSS.
 
   python experiments/benchmark.py --config=configs/mnist.py
+  # The paper's single-resolution network at n_embd 32, 4 blocks, 28x28x1, batch 32,
+  # AdamW, continuous time, dropout 0.1 (BENCHMARKS.md, "the paper's network"):
+  python experiments/benchmark.py --config=configs/mnist.py --config.model.n_embd=32 \
+      --config.model.n_layer=4 --config.model.channel_mult='(1,)' \
+      --config.model.groupnorm_groups=32 --config.model.p_drop=0.1 \
+      --config.model.weighting=elbo --config.training.batch_size=32 \
+      --config.training.steps_per_call=1 --eval_batch_size=32 --repeats=5 --skip_sampler
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=16 \
       --remat_compare --memory_only
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=4 \
       --eval_batch_size=4 --repeats=1 --sample_num=4 --sample_steps=2
-  python experiments/benchmark.py --config=configs/mnist.py --config.model.conv_impl=xla
   python experiments/benchmark.py --config=configs/cifar10.py --batch_size=128 \
       --config.model.dtype=bfloat16 --matmul_size=8192 --matmul_dtype=bfloat16  # GPU
 
@@ -33,7 +39,6 @@ from ml_collections import config_flags
 import numpy as np
 
 from vdm_jax import build
-from vdm_jax import conv
 from vdm_jax import datasets
 from vdm_jax import networks
 from vdm_jax import parallel
@@ -278,7 +283,6 @@ def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
       config=dict(dataset=config.data.dataset, image_shape=list(shape),
                   n_embd=config.model.n_embd, n_layer=config.model.n_layer,
                   dtype=config.model.dtype, remat=config.model.remat,
-                  conv_impl=conv.resolve_impl(config.model.conv_impl),
                   attention_impl=networks.resolve_attention_impl(
                       config.model.attention_impl)),
       matmul=dict(size=matmul_size, dtype=matmul_dtype), matmul_flops_per_s=peak)
@@ -341,7 +345,6 @@ def table(result: dict) -> str:
   lines = [' | '.join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
   header = (f"{result['config']['dataset']} n_embd={result['config']['n_embd']} "
             f"n_layer={result['config']['n_layer']} dtype={result['config']['dtype']} "
-            f"conv={result['config']['conv_impl']} "
             f"attention={result['config']['attention_impl']} on {result['machine']['backend']} "
             f"({result['machine']['device_count']} device(s))")
   return header + '\n' + '\n'.join(lines)

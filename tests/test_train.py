@@ -42,15 +42,6 @@ def test_next_boundary_stops_at_every_event():
   assert stops == [4, 6, 8, 10, 12, 16, 18, 20, 24, 25]
 
 
-def test_weight_decay_spares_biases_norms_and_schedule():
-  params = {'gamma': {'w': 1, 'b': 2}, 'score_model': {
-      'conv_in': {'kernel': 1, 'bias': 2}, 'GroupNorm_0': {'scale': 1, 'bias': 2}}}
-  mask = optim.weight_decay_mask(params)
-  assert mask == {'gamma': {'w': False, 'b': False}, 'score_model': {
-      'conv_in': {'kernel': True, 'bias': False},
-      'GroupNorm_0': {'scale': False, 'bias': False}}}
-
-
 def test_ema_warmup_rate():
   cfg = _test_config().optimizer
   cfg.ema_rate = 0.999

@@ -139,6 +139,34 @@ def test_property4_prior_kl_matches_monte_carlo():
   assert abs(est.mean() - kl) < 4 * est.std() / math.sqrt(n), (est.mean(), kl)
 
 
+def _prior_reference(x, gamma_1):
+  """½ Σ_i (α² f_i² + σ² − log σ² − 1) in float64, with σ² − log σ² − 1 = −log(1 − α²) − α²."""
+  f = 2.0 * (x.astype(np.float64) + 0.5) / 256 - 1.0
+  a = 1.0 / (1.0 + np.exp(np.float64(gamma_1)))
+  sum_f2 = np.sum(f.reshape(len(f), -1) ** 2, axis=1)
+  value = 0.5 * (a * sum_f2 + f[0].size * (-np.log1p(-a) - a))
+  grad = 0.5 * (-a * (1.0 - a) * sum_f2 - f[0].size * a * a)  # dα²/dγ = −α²σ², d(…)/dγ = −α⁴
+  return value, grad
+
+
+def test_prior_matches_float64_across_gamma_and_images():
+  """Full float32 precision for γ_1 ∈ [−15, 15], flat to extreme images (1e-6 relative)."""
+  shape = (32, 32, 3)
+  checker = (np.indices(shape).sum(0) % 2 * 255).astype(np.uint8)
+  images = np.stack([np.full(shape, 127, np.uint8), np.full(shape, 128, np.uint8),
+                     np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8), checker,
+                     np.random.default_rng(0).integers(0, 256, shape, np.uint8)])
+  f = vdm.encode(jnp.asarray(images), 256)
+  prior = lambda g: vdm.prior_loss(f, g)
+  value_and_grad = jax.jit(jax.vmap(lambda g: (prior(g), jax.jacrev(prior)(g)), out_axes=1))
+  gammas = np.linspace(-15.0, 15.0, 241).astype(np.float32)
+  got, got_grad = (np.asarray(v, np.float64) for v in value_and_grad(jnp.asarray(gammas)))
+  for i, gamma_1 in enumerate(gammas):
+    want, want_grad = _prior_reference(images, gamma_1)
+    np.testing.assert_allclose(got[:, i], want, rtol=1e-6, err_msg=f'γ_1 = {gamma_1}')
+    np.testing.assert_allclose(got_grad[:, i], want_grad, rtol=1e-5, err_msg=f'γ_1 = {gamma_1}')
+
+
 @pytest.mark.parametrize('vocab', [2, 17, 256])
 def test_property5_decoder_normalised_and_exact_at_low_noise(vocab):
   u = jax.random.normal(jax.random.key(0), (3, 5))

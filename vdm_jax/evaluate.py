@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
+from vdm_jax import compiler
 from vdm_jax import errors
 from vdm_jax import input_pipeline
 from vdm_jax import parallel
@@ -46,7 +47,8 @@ def make_eval_step(model: vdm.VDM, mesh, num_draws: int, timesteps: Optional[int
 
   return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
                                      parallel.replicated(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+                 out_shardings=parallel.replicated(mesh),
+                 compiler_options=compiler.compiler_options())
 
 
 def evaluate(model: vdm.VDM, params: Any, config, mesh, *,

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import conv
 from vdm_jax import remat
 
 
@@ -58,26 +57,31 @@ class Dropout(nn.Module):
     return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
+def conv3x3(features: int, dtype, zero_init: bool = False, name: Optional[str] = None):
+  """3×3 SAME convolution with bias (XLA's), kernel HWIO; zero_init for output layers."""
+  kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(features, (3, 3), padding='SAME', kernel_init=kernel_init, dtype=dtype,
+                 name=name)
+
+
 class ResnetBlock(nn.Module):
   """GroupNorm → swish → conv1 → + cond_proj(cond) → GroupNorm → swish → dropout → conv2, + skip (§6)."""
   out_ch: Optional[int] = None
   p_drop: float = 0.1
   groups: int = 32
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool) -> jax.Array:
     c_in = x.shape[-1]
     out_ch = c_in if self.out_ch is None else self.out_ch
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(x))
-    h = conv.Conv3x3(out_ch, dtype=self.dtype, impl=self.conv_impl, name='conv1')(h)
+    h = conv3x3(out_ch, self.dtype, name='conv1')(h)
     h = h + nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name='cond_proj')(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_1')(h))
     h = Dropout(self.p_drop, name='Dropout_0')(h, deterministic)
-    h = conv.Conv3x3(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                     impl=self.conv_impl, name='conv2')(h)
+    h = conv3x3(out_ch, self.dtype, zero_init=True, name='conv2')(h)
     if c_in != out_ch:
       x = nn.Dense(out_ch, dtype=self.dtype, name='nin_shortcut')(x)
     return x + h
@@ -164,13 +168,11 @@ def downsample(x: jax.Array) -> jax.Array:
 class Upsample(nn.Module):
   """Nearest-neighbour ×2 in H and W, then a 3×3 convolution (as in DDPM's U-Net)."""
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv.Conv3x3(x.shape[-1], dtype=self.dtype, impl=self.conv_impl,
-                        name='conv')(x)
+    return conv3x3(x.shape[-1], self.dtype, name='conv')(x)
 
 
 class ScoreUNet(nn.Module):
@@ -199,7 +201,6 @@ class ScoreUNet(nn.Module):
   groups: int = 32
   dtype: Any = jnp.float32
   remat: bool = False
-  conv_impl: str = 'auto'
   attention_impl: str = 'auto'
 
   @nn.compact
@@ -229,12 +230,10 @@ class ScoreUNet(nn.Module):
         jnp.concatenate([x, skip], axis=-1), c, deterministic)
     attn = lambda m, x: m(x)
     attn_block = functools.partial(AttnBlock, self.groups, self.dtype, self.attention_impl)
-    block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype,
-                    conv_impl=self.conv_impl)
+    block_kw = dict(p_drop=self.p_drop, groups=self.groups, dtype=self.dtype)
 
     mults = tuple(self.channel_mult)
-    h = conv.Conv3x3(self.n_embd * mults[0], dtype=self.dtype, impl=self.conv_impl,
-                     name='conv_in')(h)
+    h = conv3x3(self.n_embd * mults[0], self.dtype, name='conv_in')(h)
     hs = [h]
     i = 0
     for level, mult in enumerate(mults):
@@ -262,12 +261,11 @@ class ScoreUNet(nn.Module):
           h = call(attn, attn_block(name=f'up.attn_{i}'), h)
         i += 1
       if level > 0:
-        h = Upsample(self.dtype, self.conv_impl, name=f'up.upsample_{level}')(h)
+        h = Upsample(self.dtype, name=f'up.upsample_{level}')(h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
-    eps_hat = conv.Conv3x3(z.shape[-1], kernel_init=nn.initializers.zeros,
-                           dtype=self.dtype, impl=self.conv_impl, name='conv_out')(h)
+    eps_hat = conv3x3(z.shape[-1], self.dtype, zero_init=True, name='conv_out')(h)
     return eps_hat.astype(jnp.float32) + z
 
 
@@ -280,5 +278,5 @@ def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
       fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
       with_attention=config.with_attention, p_drop=config.p_drop,
       groups=config.groupnorm_groups, dtype=jnp.dtype(config.dtype),
-      remat=config.remat, conv_impl=config.conv_impl,
+      remat=config.remat,
       attention_impl=config.attention_impl, name=name)

@@ -1,5 +1,7 @@
 """AdamW with warm-up, optional decay and clipping, the weight-decay mask, and EMA (§8)."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,25 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [opt_config.warmup_steps])
 
 
-def weight_decay_mask(params):
-  """True for the kernels of the network; biases, norm scales and the schedule are spared."""
+WEIGHT_DECAY_MASKS = ('all_but_biases', 'kernels')
+
+
+def weight_decay_mask(params, kind: str = 'all_but_biases'):
+  """True where AdamW decays the parameter (§8).
+
+  all_but_biases: the original code's mask, every parameter not named `bias`
+    (GroupNorm scales, the schedule's `w`, `b`, γ_0, γ_1 and its kernels included).
+  kernels: only the network's kernels; the norm scales, biases and the whole
+    schedule are left undecayed.
+  """
   flat = flax.traverse_util.flatten_dict(params)
-  mask = {path: path[-1] == 'kernel' and path[0] != 'gamma' for path in flat}
+  if kind == 'all_but_biases':
+    mask = {path: path[-1] != 'bias' for path in flat}
+  elif kind == 'kernels':
+    mask = {path: path[-1] == 'kernel' and path[0] != 'gamma' for path in flat}
+  else:
+    raise ValueError(f'optimizer.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, '
+                     f'got {kind!r}.')
   return flax.traverse_util.unflatten_dict(mask)
 
 
@@ -34,7 +51,7 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
   adamw = optax.adamw(
       learning_rate=learning_rate_schedule(opt_config, num_steps), b1=opt_config.b1,
       b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,
-      mask=weight_decay_mask)
+      mask=functools.partial(weight_decay_mask, kind=opt_config.weight_decay_mask))
   if opt_config.grad_clip is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)

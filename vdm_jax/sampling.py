@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
+from vdm_jax import compiler
 from vdm_jax import parallel
 from vdm_jax import vdm
 from vdm_jax import workdir as workdir_lib
@@ -27,11 +28,11 @@ def make_sampler(model: vdm.VDM, shape, timesteps: int, decode: str = 'argmax',
                        decode=decode, method=vdm.VDM.sample)
 
   if mesh is None:
-    return jax.jit(sample)
+    return jax.jit(sample, compiler_options=compiler.compiler_options())
   out = (parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0
          else parallel.replicated(mesh))
   return jax.jit(sample, in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                 out_shardings=out)
+                 out_shardings=out, compiler_options=compiler.compiler_options())
 
 
 def to_uint8(samples: np.ndarray, vocab_size: int) -> np.ndarray:

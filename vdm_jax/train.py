@@ -24,6 +24,7 @@ import optax
 
 from vdm_jax import build as build_lib
 from vdm_jax import checkpoints
+from vdm_jax import compiler
 from vdm_jax import errors
 from vdm_jax import evaluate
 from vdm_jax import input_pipeline
@@ -119,7 +120,8 @@ def make_train_call(model, tx, config, mesh):
 
   rep = parallel.replicated(mesh)
   return jax.jit(call, in_shardings=(rep, parallel.batch_sharding(mesh, leading_axes=1)),
-                 out_shardings=(rep, rep), donate_argnums=(0,))
+                 out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=compiler.compiler_options())
 
 
 def next_boundary(step: int, config) -> int:

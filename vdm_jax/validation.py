@@ -66,6 +66,7 @@ def check_fields(config) -> list[str]:
   _choice(errors, 'model.dtype', m.dtype, DTYPES)
   _choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
   _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
+  _choice(errors, 'optimizer.weight_decay_mask', o.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
   _choice(errors, 'sample.decode', config.sample.decode, DECODES)
   _choice(errors, 'eval.split', config.eval.split, datasets.SPLITS)
   if m.timesteps < 0:

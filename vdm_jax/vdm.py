@@ -103,12 +103,34 @@ def sum_except_batch(x: jax.Array) -> jax.Array:
   return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
+def _variance_kl(gamma: jax.Array) -> jax.Array:
+  """σ² − log σ² − 1 at σ² = sigmoid(γ), to float32 precision for any γ (§3).
+
+  With a = α² = sigmoid(−γ) it equals −log(1 − a) − a = a²/2 + a³/3 + …, which the
+  direct form softplus(−γ) − a loses to cancellation once a is small (γ ≳ 0). There,
+  with s = a/(2 − a), −log(1 − a) = 2·atanh(s) and a = 2s/(1 + s) give the sum of
+  positive terms 2s²/(1 + s) + 2·Σ_{k≥1} s^(2k+1)/(2k+1); s ≤ 0.58 for γ ≥ −1, and
+  twelve terms leave a truncation far below float32 rounding.
+  """
+  a = nn.sigmoid(-gamma)
+  s = a / (2.0 - a)
+  s2 = jnp.square(s)
+  tail = jnp.zeros_like(s)
+  for k in range(12, 0, -1):  # Horner: Σ_{k=1}^{12} s^(2k−2)/(2k+1)
+    tail = s2 * tail + 1.0 / (2 * k + 1)
+  small_a = 2.0 * s2 / (1.0 + s) + 2.0 * s * s2 * tail
+  return jnp.where(gamma >= -1.0, small_a, nn.softplus(-gamma) - a)
+
+
 def prior_loss(f: jax.Array, gamma_1: jax.Array) -> jax.Array:
-  """L_prior = KL(q(z_1|x) ‖ N(0, I)) = ½ Σ_i (α_1² f_i² + σ_1² − log σ_1² − 1) (§3)."""
-  sigma2_1 = nn.sigmoid(gamma_1)
+  """L_prior = KL(q(z_1|x) ‖ N(0, I)) = ½ Σ_i (α_1² f_i² + σ_1² − log σ_1² − 1) (§3).
+
+  The second part is the same for every sub-pixel: ½·(α_1²·Σ_i f_i² + D·(σ_1² − log σ_1² − 1)).
+  """
+  num_dims = math.prod(f.shape[1:])
   alpha2_1 = nn.sigmoid(-gamma_1)
-  log_sigma2_1 = -nn.softplus(-gamma_1)  # log sigmoid(γ_1), stable
-  return 0.5 * sum_except_batch(alpha2_1 * jnp.square(f) + sigma2_1 - log_sigma2_1 - 1.0)
+  return 0.5 * (alpha2_1 * sum_except_batch(jnp.square(f))
+                + num_dims * _variance_kl(gamma_1))
 
 
 def reconstruction_loss(x: jax.Array, f: jax.Array, eps_0: jax.Array,
