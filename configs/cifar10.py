@@ -1,4 +1,4 @@
-r"""CIFAR-10 without augmentation: the paper's 2.65 bpd model (SPEC §8).
+r"""CIFAR-10 without augmentation: the paper's 2.65 bpd model (docs/maths.md §8).
 
   python -m vdm_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10
 """

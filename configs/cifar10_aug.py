@@ -1,4 +1,4 @@
-r"""CIFAR-10 with the original's augmentation and conditioning flag (SPEC §8).
+r"""CIFAR-10 with the original's augmentation and conditioning flag (docs/maths.md §8).
 
 The released augmented model: n_embd 256, learned_nnet schedule with free endpoints,
 dropout 0.05; the paper reports 2.49 bpd, the original README 2.522.

@@ -1,4 +1,4 @@
-r"""Downsampled ImageNet 32x32: the paper's 3.72 bpd model (SPEC §8).
+r"""Downsampled ImageNet 32x32: the paper's 3.72 bpd model (docs/maths.md §8).
 
 Needs the original downsampled ImageNet files placed for tfds' manual download
 (README, "Data"). n_embd 256 and 32 blocks. For the training budget (batch,

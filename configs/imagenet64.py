@@ -1,4 +1,4 @@
-r"""Downsampled ImageNet 64x64: the paper's 3.40 bpd model (SPEC §8).
+r"""Downsampled ImageNet 64x64: the paper's 3.40 bpd model (docs/maths.md §8).
 
 Needs the original downsampled ImageNet files placed for tfds' manual download
 (README, "Data"). n_embd 256 and 64 blocks. For the training budget see

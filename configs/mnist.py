@@ -11,11 +11,11 @@ what buys samples that read as digits in nine CPU minutes is optimiser steps, so
 network is small and the batch is 8.
 - The network is a small U-Net (model.channel_mult = (1, 2, 2): 16 channels at 28x28,
   32 at 14x14 and 7x7, one block per resolution on the way down), not the paper's
-  single-resolution network (§6). A step costs ~50 ms: 11,000 steps fit where 1,700
-  of the previous default (n_embd 32, two blocks, batch 16) did, for a better bound
-  (1.30 bpd against 1.44) and clearly more digit-like samples. Wider (n_embd 32) or
-  deeper (n_layer 2) networks, larger batches and (1, 2, 4) all did worse for the
-  same time.
+  single-resolution network (docs/maths.md §6.6). A step costs ~50 ms: 11,000 steps
+  fit where 1,700 of an n_embd 32, two-block network at batch 16 do, for a better
+  bound and clearly more digit-like samples. Wider (n_embd 32) or deeper (n_layer 2)
+  networks, larger batches and (1, 2, 4) all did worse for the same time (README,
+  "Design findings").
 - GroupNorm with 16 groups: n_embd must divide by the number of groups.
 - The bound alone (weighting='elbo') gives the better bpd but, this early in
   training, samples that are scattered stroke fragments; 'elbo_plus_sigmoid' adds 20x

@@ -101,7 +101,7 @@ def test_defaults_to_jax_processes():
 
 
 def test_augmentation_matches_spec():
-  """Flip p 1/2, then p 1/2 a quarter turn of 1-3; flag = any fired (SPEC §8)."""
+  """Flip p 1/2, then p 1/2 a quarter turn of 1-3; flag = any fired (docs/maths.md §8)."""
   kwargs = dict(global_batch_size=64, seed=7, process_index=0, process_count=1)
   steps = 40
   plain = common.take(input_pipeline.train_batches(

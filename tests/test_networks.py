@@ -1,4 +1,4 @@
-"""The noise-prediction network (SPEC §6): names, sizes, features, dropout, options."""
+"""The noise-prediction network (docs/maths.md §6): names, sizes, features, dropout, options."""
 
 import math
 
@@ -193,7 +193,7 @@ def test_remat_cuts_the_compiled_gradient_temp_memory():
   channel input side more), ≈ 15·5 A + 7 skips + 7 × 3 A ≈ 100 A. With remat it
   keeps the block inputs (7 skips, 7 up-path inputs, 3 mid: 17 A), the skips'
   cotangents from the up path (≤ 7 A) and one block's recomputation (≈ 15 A):
-  ≈ 40 A, a ratio ≥ 2.5; the issue asks for 3 (measured at 8×8, n_embd 32,
+  ≈ 40 A, a ratio ≥ 2.5; the test asks for 3 (measured at 8×8, n_embd 32,
   batch 8: 209 A vs 36 A, 5.8×). The mid attention's B·(HW)² map is only 2 A here.
   """
   z = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32)

@@ -1,4 +1,4 @@
-"""Import of the original code's checkpoints (vdm_jax/original.py; SPEC §6, §8).
+"""Import of the original code's checkpoints (vdm_jax/original.py; docs/maths.md §6, §8).
 
 The checkpoints are written here in the original's format: flax.serialization.to_bytes
 of {step, params, ema_params, opt_state} into checkpoints-0/ckpt-N.flax. Tiny variants

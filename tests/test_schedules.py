@@ -1,4 +1,4 @@
-"""Noise schedules (SPEC §2): monotone, endpoints, scalars and arrays, γ' by jvp."""
+"""Noise schedules (docs/maths.md §2): monotone, endpoints, scalars and arrays, γ' by jvp."""
 
 import jax
 import jax.numpy as jnp

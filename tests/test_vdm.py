@@ -1,4 +1,4 @@
-"""The bound (SPEC §3 properties 1–6), §4 variance gradients, §5 weighting, §7 sampler."""
+"""The bound (docs/maths.md §3.1–§3.6), §4 variance gradients, §5 weighting, §7 sampler."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The base configuration: the paper's CIFAR-10 model (SPEC §6, §8).
+"""The base configuration: the paper's CIFAR-10 model (docs/maths.md §6, §8).
 
 Every config in `configs/` starts from `get_config()` here and overrides what differs,
 so that each field is defined (and commented) exactly once.

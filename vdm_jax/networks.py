@@ -1,7 +1,8 @@
-"""The noise-prediction network ε̂_θ(z_t, γ_t): the original U-Net (SPEC §6).
+"""The noise-prediction network ε̂_θ(z_t, γ_t): the original U-Net (docs/maths.md §6).
 
-A U-Net without any change of resolution. Module and parameter names follow the
-original code exactly (`dense0`, `conv_in`, `down.block_{i}`, `mid.attn_1`, …), so
+With model.channel_mult = (1,) the paper's U-Net, without any change of resolution
+(docs/maths.md §6.5); a longer channel_mult adds resolutions (§6.6, not in the paper).
+Module and parameter names follow the original code exactly (`dense0`, `conv_in`, `down.block_{i}`, `mid.attn_1`, …), so
 that the original checkpoints load by mapping trees alone.
 """
 

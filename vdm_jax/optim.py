@@ -47,7 +47,7 @@ def weight_decay_mask(params, kind: str = 'all_but_biases'):
 
 
 def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
-  """optax AdamW with the original's settings as defaults (SPEC §8)."""
+  """optax AdamW with the original's settings as defaults (docs/maths.md §8)."""
   adamw = optax.adamw(
       learning_rate=learning_rate_schedule(opt_config, num_steps), b1=opt_config.b1,
       b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,

@@ -1,4 +1,4 @@
-r"""Import of the original code's checkpoints (SPEC §6, §8).
+r"""Import of the original code's checkpoints (docs/maths.md §6, §8).
 
 The original code (github.com/google-research/vdm) saves with clu into a folder
 `checkpoints-0/` that holds `ckpt-N.flax`: msgpack (flax.serialization.to_bytes) of its
@@ -90,7 +90,7 @@ def _unwrap(tree: Any) -> Any:
 
 
 def read_original(path) -> dict:
-  """Reads an original checkpoint (folder or ckpt-N.flax file) (SPEC §8).
+  """Reads an original checkpoint (folder or ckpt-N.flax file) (docs/maths.md §8).
 
   Returns {'step': int, 'params', 'ema_params': nested dicts of numpy arrays,
   'opt_state': as stored (or None), 'file': the file read}. Raises FileNotFoundError
@@ -168,7 +168,7 @@ def summarize(params: dict) -> str:
 def match_params(saved: dict, abstract: Any, what: str, file: str) -> Any:
   """`saved` as a tree of numpy arrays of exactly `abstract`'s structure and dtypes.
 
-  Every name and shape is checked (SPEC §6); a difference raises
+  Every name and shape is checked (docs/maths.md §6); a difference raises
   CheckpointMismatchError naming every missing, unexpected or reshaped parameter.
   """
   flat_saved = _flat(saved)

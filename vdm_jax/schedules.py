@@ -1,4 +1,4 @@
-"""Noise schedules γ(t): the negative log signal-to-noise ratio (SPEC §2).
+"""Noise schedules γ(t): the negative log signal-to-noise ratio (docs/maths.md §2).
 
 γ is increasing on t ∈ [0, 1]; σ_t² = sigmoid(γ_t), α_t² = sigmoid(−γ_t). Every
 schedule accepts Python scalars and arrays of t alike and returns an array of the

@@ -1,7 +1,7 @@
 """The Variational Diffusion Model: encoder, decoder, the three bound terms, sampling.
 
 Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion Models". All losses are per
-example, in nats; SPEC §1 (data), §3 (the bound), §4 (low-variance schedule training),
+example, in nats; docs/maths.md §1 (data), §3 (the bound), §4 (low-variance schedule training),
 §5 (weighted objectives) and §7 (ancestral sampling).
 
     model = vdm_jax.VDM.from_config(config.model)
@@ -247,7 +247,7 @@ class VDMOutput:
 
 
 class VDM(nn.Module):
-  """A Variational Diffusion Model built from a frozen `config.model` (SPEC §1–§7).
+  """A Variational Diffusion Model built from a frozen `config.model` (docs/maths.md §1–§7).
 
   Submodules: `gamma` (the schedule, §2) and `score_model` (the network, §6); the
   encoder and decoder have no parameters. rng streams: 'sample' (ε_0, t, ε) and
