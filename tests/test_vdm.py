@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import common
-from vdm_jax import schedules
 from vdm_jax import vdm
 
 
@@ -92,7 +91,8 @@ def test_property2_epsilon_and_data_space_forms_agree():
   eps_hat = score(z_t, g_t)
   x_hat = (z_t - sigma * eps_hat) / alpha
   a = vdm.diffusion_loss_discrete(g_t, g_s, T, eps, eps_hat)
-  b = vdm.diffusion_loss_discrete_data_space(g_t, g_s, T, f, x_hat)
+  # Data space: ½·T·(SNR(s) − SNR(t))·‖f − x̂‖² (docs/maths.md §3d).
+  b = 0.5 * T * (jnp.exp(-g_s) - jnp.exp(-g_t)) * vdm.sum_except_batch(jnp.square(f - x_hat))
   # float32: x̂ divides by α_t ≥ 0.08 and subtracts nearly equal terms: ~1e-5 relative.
   np.testing.assert_allclose(a, b, rtol=1e-4)
 
@@ -337,6 +337,7 @@ def test_sample_step_matches_the_posterior_formula():
   np.testing.assert_allclose(got, mean + math.sqrt(var) * noise, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # trains a model for 600 steps
 def test_property6_bound_above_entropy_and_training_approaches_it():
   """§3.6: two fixed binary 4×4 images, V = 2: H = 1 bit per image = 1/16 bpd."""
   # γ ∈ [−6, 6] at the start: two bins at ±½ need no more SNR than that, and a

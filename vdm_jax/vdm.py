@@ -153,13 +153,6 @@ def diffusion_loss_discrete(gamma_t: jax.Array, gamma_s: jax.Array, timesteps: i
       jnp.square(eps - eps_hat))
 
 
-def diffusion_loss_discrete_data_space(gamma_t, gamma_s, timesteps: int,
-                                       f: jax.Array, x_hat: jax.Array) -> jax.Array:
-  """The same L_T in data space: ½·T·(SNR(s) − SNR(t))·‖f − x̂‖² (§3)."""
-  snr_s, snr_t = jnp.exp(-gamma_s), jnp.exp(-gamma_t)
-  return 0.5 * timesteps * (snr_s - snr_t) * sum_except_batch(jnp.square(f - x_hat))
-
-
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
   """bpd = nats / (D·ln 2) (§3)."""
   return nats / (num_dims * math.log(2.0))
