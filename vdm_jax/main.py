@@ -20,6 +20,7 @@ import jax
 from ml_collections import config_flags
 
 from vdm_jax import checkpoints
+from vdm_jax import ode
 from vdm_jax import original
 from vdm_jax import parallel
 from vdm_jax import train
@@ -65,7 +66,12 @@ def main(argv):
                                allow_config_change=FLAGS.allow_config_change)
       logging.info('Training finished.')
     elif FLAGS.mode == 'eval':
-      results = train.evaluate_workdir(config, FLAGS.workdir)
+      if config.eval.estimator == 'ode':  # the probability-flow ODE's likelihood (§10)
+        results = ode.evaluate_workdir(config, FLAGS.workdir)
+        print(f"ODE: {results['nfe']:.0f} function evaluations per solve, "
+              f"{results['seconds_per_image']:.3f} s per image and draw")
+      else:
+        results = train.evaluate_workdir(config, FLAGS.workdir)
       if jax.process_index() == 0:
         print(f"test bpd {results['bpd']:.4f} ± {results['bpd_stderr']:.4f} "
               f"({results['num_examples']} images of split {results['split']!r}, "
