@@ -6,6 +6,7 @@ network. The flow of (10.3) is then the affine map z_t = α_t μ + √(v_t/v_ε)
 and ∫_ε^1 div dt = (D/2)·log(v_1/v_ε), both exact.
 """
 
+import dataclasses
 import json
 import math
 
@@ -56,6 +57,7 @@ def solve(eps_fn, z, opts, t0=None, t1=1.0, probes=None):
 
 
 OPTS = ode.Options(solver='dopri5', rtol=1e-5, atol=1e-5, trace='exact', t_eps=1e-5)
+NET_OPTS = dataclasses.replace(OPTS, rtol=1e-4, atol=1e-4)
 
 
 def test_drift_is_the_probability_flow_of_the_vp_sde():
@@ -120,12 +122,12 @@ def test_rademacher_probes_are_exact_for_a_diagonal_jacobian():
 
 @pytest.fixture(scope='module')
 def tiny_network():
-  """A small random VDM network on 8×8 images (perturbed: a fresh one is ε̂ = z)."""
-  model, variables = common.init_model(common.tiny_model_config(), shape=(3, 8, 8, 1))
+  """A small random VDM network on 4×4 images (perturbed: a fresh one is ε̂ = z)."""
+  model, variables = common.init_model(common.tiny_model_config(), shape=(3, 4, 4, 1))
   params = common.perturb(variables['params'], jax.random.key(3), scale=0.3,
                           predicate=lambda name: 'score_model' in name)
   eps_fn, _ = ode.model_functions(model, params, jnp.zeros((3,)))
-  z = jax.random.normal(jax.random.key(4), (3, 8, 8, 1))
+  z = jax.random.normal(jax.random.key(4), (3, 4, 4, 1))
   return eps_fn, z
 
 
@@ -133,10 +135,10 @@ def tiny_network():
 def test_hutchinson_agrees_with_the_exact_trace(tiny_network, probe):
   """The mean over K probes is within 4 of its standard errors of the exact integral."""
   eps_fn, z = tiny_network
-  k = 32
-  exact = solve(eps_fn, z, OPTS).delta_logp[:, 0]
+  k = 16
+  exact = solve(eps_fn, z, NET_OPTS).delta_logp[:, 0]
   probes = ode.draw_probes(jax.random.key(5), z.shape, k, probe)
-  opts = ode.Options(trace='hutchinson', probe=probe, num_probes=k)
+  opts = dataclasses.replace(NET_OPTS, trace='hutchinson', probe=probe, num_probes=k)
   est = np.asarray(solve(eps_fn, z, opts, probes=probes).delta_logp)
   stderr = est.std(axis=1, ddof=1) / math.sqrt(k)
   assert np.all(stderr > 1e-3)  # the network's Jacobian is not diagonal
@@ -145,8 +147,8 @@ def test_hutchinson_agrees_with_the_exact_trace(tiny_network, probe):
 
 def test_forward_then_backward_returns_the_start(tiny_network):
   eps_fn, z = tiny_network
-  forward = solve(eps_fn, z, OPTS)
-  back = solve(eps_fn, forward.z, OPTS, t0=1.0, t1=OPTS.t_eps)
+  forward = solve(eps_fn, z, NET_OPTS)
+  back = solve(eps_fn, forward.z, NET_OPTS, t0=1.0, t1=NET_OPTS.t_eps)
   assert bool(forward.ok) and bool(back.ok)
   assert float(jnp.max(jnp.abs(forward.z - z))) > 0.1  # the flow moved
   np.testing.assert_allclose(back.z, z, atol=2e-3)
@@ -235,6 +237,7 @@ def _eval_config():
   return config
 
 
+@pytest.mark.slow
 def test_evaluate_reports_bpd_nfe_and_the_importance_weighted_bound():
   from vdm_jax import parallel, train  # pylint: disable=g-import-not-at-top
   config = _eval_config()
@@ -274,3 +277,13 @@ def test_eight_devices_take_the_same_steps_as_one():
   out = json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1][6:])
   assert out['8'][1] == out['1'][1]
   assert out['8'][0] == pytest.approx(out['1'][0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_ode_evaluator():
+  benchmark = common.load_experiment('benchmark.py')
+  config = common.load_config('test')
+  r = benchmark.bench_ode(config, batch=2, repeats=1, num_steps=2)
+  assert r['nfe'] == 1 + 6 * 2  # Dormand–Prince: 6 new stages a step, plus the first
+  assert r['images_per_s'] == pytest.approx(2 / r['seconds_per_batch'])
+  assert r['evaluations_per_s'] == pytest.approx(r['nfe'] * r['images_per_s'])

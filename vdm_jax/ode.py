@@ -19,6 +19,10 @@ Any ε̂ can be plugged in: `eps_fn(z, gamma_t)` with gamma_t of shape [B] and
     out = ode.nll(eps_fn, gamma_fn, images, vocab_size, opts, key)   # nats [B, K]
     results = ode.evaluate(model, params, config, mesh)              # like evaluate.evaluate
 
+    python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval \
+        --config.eval.estimator=ode --config.eval.batch_size=100 \
+        [--config.ode.dequantisation=truncated_normal]
+
 Every device integrates in lockstep: the whole global batch is one ODE system whose
 step-size controller reduces its error norm over all images (a max over the batch
 axis, i.e. one all-reduce per step under jit), so every device takes the same steps.
