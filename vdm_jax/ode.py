@@ -52,6 +52,7 @@ TRACES = ('exact', 'hutchinson')
 PROBES = ('rademacher', 'gaussian')
 DEQUANTISATIONS = ('uniform', 'truncated_normal')
 RESULTS_FILE = 'eval_ode_results.json'
+_SCALARS = ('bpd', 'bpd_stderr', 'bpd_mc_stderr', 'bpd_iw', 'nfe', 'seconds_per_image')
 # Vector field evaluations per step: (stages, whether the last is reused as the next first).
 _STAGES = {'dopri5': (7, True), 'tsit5': (7, True), 'heun': (2, False), 'euler': (1, False)}
 
@@ -380,7 +381,6 @@ def evaluate_workdir(config, workdir: str) -> dict:
         json.dump(results, f, indent=2, sort_keys=True)
       os.replace(path + '.tmp', path)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, {f'eval_ode/{k}': v for k, v in results.items()
-                              if isinstance(v, float)})
+  writer.write_scalars(step, {f'eval_ode/{k}': results[k] for k in _SCALARS if k in results})
   writer.flush()
   return results
