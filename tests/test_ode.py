@@ -287,6 +287,9 @@ from vdm_jax import ode, parallel, train
 from test_ode import _eval_config
 config = _eval_config()
 config.eval.batch_size = 8
+config.eval.num_draws = 1
+config.ode.trace = 'hutchinson'
+config.ode.rtol = config.ode.atol = 1e-2
 model = train.make_model(config)
 _, variables = common.init_model(config.model, shape=(2, 8, 8, 1))
 out = {}
