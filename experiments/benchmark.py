@@ -365,6 +365,56 @@ def main(argv):
     print(text)
 
 
+# ------------------------------------------------------------------ the ODE evaluator
+flags.DEFINE_bool('ode', False, 'Also time the probability-flow ODE evaluator (config.ode).')
+flags.DEFINE_integer('ode_batch', 8, 'Global batch of the ODE evaluator benchmark.')
+flags.DEFINE_integer('ode_num_steps', 16,
+                     'Equal solver steps of the ODE benchmark, so that its NFE does not '
+                     'depend on the (untrained) network; 0 = the config\'s ode.num_steps.')
+
+
+def bench_ode(config, batch: int, repeats: int, num_steps: int = 16) -> dict:
+  """images/s and NFE of one ODE evaluation step (vdm_jax/ode.py) on initial params.
+
+  evaluations_per_s (network passes × images per second) carries over to a trained
+  model, whose adaptive solve needs its own NFE: images/s ≈ evaluations_per_s / NFE.
+  """
+  from vdm_jax import ode  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  if num_steps:
+    config.ode.num_steps = num_steps
+  mesh = parallel.make_mesh()
+  shape = image_shape(config)
+  run = build_run(config, mesh, shape, batch)
+  model, params = run.model, run.init_state().params
+  opts = ode.Options.from_config(config.ode)
+  step = ode.make_eval_step(model, mesh, opts)
+  local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
+  data = {'images': parallel.global_array(mesh, local['images'][0]),
+          'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
+          'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
+  out = {}
+
+  def run():
+    out['nll'], out['nfe'], _ = jax.block_until_ready(step(params, data, jax.random.key(0)))
+
+  seconds = timed(run, repeats)
+  nfe = float(out['nfe'])
+  return dict(batch=batch, nfe=nfe, seconds_per_batch=seconds, images_per_s=batch / seconds,
+              evaluations_per_s=nfe * batch / seconds, solver=opts.solver,
+              num_steps=opts.num_steps, trace=opts.trace, num_probes=opts.probes_per_solve)
+
+
+def main_with_ode(argv):
+  main(argv)
+  if FLAGS.ode:
+    r = bench_ode(FLAGS.config, FLAGS.ode_batch, FLAGS.repeats, FLAGS.ode_num_steps)
+    print(f"ODE evaluator: {r['images_per_s']:.2f} img/s (batch {r['batch']}, NFE "
+          f"{r['nfe']:.0f}, {r['solver']}, trace {r['trace']}), "
+          f"{r['evaluations_per_s']:.0f} image-evaluations/s")
+    print(json.dumps({'ode': r}, indent=2))
+
+
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main_with_ode)

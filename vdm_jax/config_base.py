@@ -94,6 +94,21 @@ def get_config() -> ml_collections.ConfigDict:
   ev.discrete_timesteps = ()  # Also report the discrete-T bound for each T listed.
   ev.use_ema = True  # Evaluate the EMA parameters (False: the raw ones).
   ev.num_examples = config_dict.placeholder(int)  # Evaluate the first N only; None = all.
+  ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws).
+
+  # ------------------------------------------------------ probability-flow ODE (§10)
+  config.ode = ode = ml_collections.ConfigDict()
+  ode.solver = 'dopri5'  # diffrax solver: dopri5 | tsit5 | heun (adaptive or fixed) | euler (fixed only).
+  ode.rtol = 1e-5  # Relative tolerance of the adaptive step-size controller.
+  ode.atol = 1e-5  # Absolute tolerance of the adaptive step-size controller.
+  ode.num_steps = config_dict.placeholder(int)  # None = adaptive steps; N = N equal steps (no error control).
+  ode.max_steps = 4096  # Most solver steps (rejected ones included) before the evaluation stops with an error.
+  ode.t_eps = 1e-5  # ε: the ODE runs from t = ε to 1; the data are dequantised at t = ε (§10: its effect).
+  ode.trace = 'hutchinson'  # Divergence: exact (D vector-Jacobian products; small images) | hutchinson (probes).
+  ode.probe = 'rademacher'  # Hutchinson probes: rademacher (±1) | gaussian (N(0, I)).
+  ode.num_probes = 1  # K: Hutchinson probes per solve, one log-density estimate each (averaged).
+  ode.trace_chunk = 64  # Exact trace: vector-Jacobian products computed at once (memory against speed).
+  ode.dequantisation = 'uniform'  # uniform (the convention) | truncated_normal (the diffusion's noise kept in the bin, i-DODE).
 
   # ------------------------------------------------------------------ sampling (§7)
   config.sample = sample = ml_collections.ConfigDict()

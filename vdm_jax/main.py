@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from vdm_jax import codec_tools
 from vdm_jax import evaluate
+from vdm_jax import ode
 from vdm_jax import errors
 from vdm_jax import original
 from vdm_jax import parallel
@@ -80,7 +81,12 @@ def _train(config):
 
 
 def _eval(config):
-  results = evaluate.evaluate_workdir(config, FLAGS.workdir)
+  if config.eval.estimator == 'ode':  # the probability-flow ODE's likelihood (§10)
+    results = ode.evaluate_workdir(config, FLAGS.workdir)
+    print(f"ODE: {results['nfe']:.0f} function evaluations per solve, "
+          f"{results['seconds_per_image']:.3f} s per image and draw")
+  else:
+    results = evaluate.evaluate_workdir(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(f"test bpd {results['bpd']:.4f} ± {results['bpd_stderr']:.4f} "
           f"({results['num_examples']} images of split {results['split']!r}, "

@@ -11,6 +11,7 @@ import jax
 from vdm_jax import config_base
 from vdm_jax import datasets
 from vdm_jax import networks
+from vdm_jax import ode
 from vdm_jax import optim
 from vdm_jax import schedules
 from vdm_jax import vdm
@@ -151,9 +152,35 @@ def check_fields(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
+  errors += _check_ode_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
+  return errors
+
+
+def _check_ode_fields(config) -> list[str]:
+  """eval.estimator and the probability-flow ODE's section (vdm_jax/ode.py)."""
+  errors, o = [], config.ode
+  _choice(errors, 'eval.estimator', config.eval.estimator, ('bound', 'ode'))
+  _choice(errors, 'ode.solver', o.solver, ode.SOLVERS)
+  _choice(errors, 'ode.trace', o.trace, ode.TRACES)
+  _choice(errors, 'ode.probe', o.probe, ode.PROBES)
+  _choice(errors, 'ode.dequantisation', o.dequantisation, ode.DEQUANTISATIONS)
+  for name in ('rtol', 'atol'):
+    if not o[name] > 0:
+      errors.append(f'config.ode.{name} = {o[name]}: must be > 0 (e.g. 1e-5).')
+  if not 0.0 <= o.t_eps < 1.0:
+    errors.append(f'config.ode.t_eps = {o.t_eps}: must be in [0, 1) (e.g. 1e-5).')
+  for name in ('max_steps', 'num_probes', 'trace_chunk'):
+    if o[name] < 1:
+      errors.append(f'config.ode.{name} = {o[name]}: must be ≥ 1.')
+  if o.num_steps is not None and not 1 <= o.num_steps <= o.max_steps:
+    errors.append(f'config.ode.num_steps = {o.num_steps}: must be None (adaptive) or in '
+                  f'1..ode.max_steps = {o.max_steps}.')
+  if o.num_steps is None and o.solver == 'euler':
+    errors.append("config.ode.solver = 'euler' has no error estimate: set ode.num_steps "
+                  "or choose dopri5, tsit5 or heun.")
   return errors
 
 

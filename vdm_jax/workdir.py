@@ -99,14 +99,15 @@ class Workdir:
     return bool(self.checkpoint_steps())
 
   # ---------------------------------------------------- results and samples
-  def write_results(self, results: dict, step: int) -> epath.Path:
-    """eval_results.json (latest) and eval_results_<step>.json (process 0 only)."""
+  def write_results(self, results: dict, step: int, name: str = RESULTS_FILE
+                    ) -> epath.Path:
+    """NAME.json (latest) and NAME_<step>.json, e.g. eval_results.json (process 0 only)."""
     payload = json.dumps(dict(results, step=int(step)), indent=2, sort_keys=True).encode()
-    latest = self.path / RESULTS_FILE
+    stem = name.removesuffix('.json')
     if jax.process_index() == 0:
-      for name in (f'eval_results_{int(step)}.json', RESULTS_FILE):
-        _atomic_write(self.path / name, payload)
-    return latest
+      for file in (f'{stem}_{int(step)}.json', name):
+        _atomic_write(self.path / file, payload)
+    return self.path / name
 
   def read_results(self, step: Optional[int] = None) -> Optional[dict]:
     name = RESULTS_FILE if step is None else f'eval_results_{int(step)}.json'
