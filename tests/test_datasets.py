@@ -139,6 +139,15 @@ def test_bad_npz_messages(tmp_path, arrays, error, message):
     datasets.load_split(config, 'train')
 
 
+def test_a_file_that_is_not_npz_says_so_without_pickles(tmp_path):
+  path = tmp_path / 'notes.npz'
+  path.write_text('not an archive')
+  with pytest.raises(ValueError) as e:
+    datasets.load_split(common.data_config(dataset='npz', npz_path=str(path)), 'train')
+  assert 'is not a .npz archive of arrays' in str(e.value)
+  assert 'pickle' not in str(e.value)
+
+
 def test_npz_path_errors(tmp_path):
   with pytest.raises(ValueError, match='needs data.npz_path'):
     datasets.load_split(common.data_config(dataset='npz'), 'train')

@@ -135,8 +135,8 @@ def _read_npz(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
   how = 'write it with np.savez(path, train=train_images, test=test_images)'
   try:
     npz = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as e:
-    raise ValueError(f'{path} is not a .npz archive of arrays ({e}); {how}.') from e
+  except (ValueError, OSError) as e:  # numpy's text would suggest allow_pickle
+    raise ValueError(f'{path} is not a .npz archive of arrays; {how}.') from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
     raise ValueError(f'{path} holds a single array, not a .npz archive; {how}.')
   with npz:
