@@ -76,6 +76,7 @@ def bend_nnet_schedule(schedule_params, key, strength=20.0):
 REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
 
 
+@__import__('functools').lru_cache(maxsize=None)  # its absl flags may be defined once
 def load_experiment(filename: str):
   """The module experiments/FILENAME (a script, not a package), imported by path."""
   import importlib.util  # pylint: disable=g-import-not-at-top

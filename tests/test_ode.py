@@ -268,9 +268,9 @@ def _eval_config():
 
 @pytest.mark.slow
 def test_evaluate_reports_bpd_nfe_and_the_importance_weighted_bound():
-  from vdm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from vdm_jax import parallel, vdm  # pylint: disable=g-import-not-at-top
   config = _eval_config()
-  model = train.make_model(config)
+  model = vdm.VDM.from_config(config.model)
   _, variables = common.init_model(config.model, shape=(2, 8, 8, 1))
   results = ode.evaluate(model, variables['params'], config, parallel.make_mesh())
   assert results['num_examples'] == 6 and results['estimator'] == 'ode'
@@ -283,14 +283,14 @@ def test_evaluate_reports_bpd_nfe_and_the_importance_weighted_bound():
 
 _LOCKSTEP = '''
 import json, jax, numpy as np, common
-from vdm_jax import ode, parallel, train
+from vdm_jax import ode, parallel, vdm
 from test_ode import _eval_config
 config = _eval_config()
 config.eval.batch_size = 8
 config.eval.num_draws = 1
 config.ode.trace = 'hutchinson'
 config.ode.rtol = config.ode.atol = 1e-2
-model = train.make_model(config)
+model = vdm.VDM.from_config(config.model)
 _, variables = common.init_model(config.model, shape=(2, 8, 8, 1))
 out = {}
 for n in (1, 8):
