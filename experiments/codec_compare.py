@@ -87,13 +87,20 @@ def mean_stderr(values: np.ndarray) -> tuple[float, float]:
   return float(np.mean(values)), stderr
 
 
-def model_row(workdir: str, num_images: int, split: str):
-  """The table row of WORKDIR/eval_results.json, or None when it does not exist."""
-  path = os.path.join(workdir, RESULTS_FILE)
+def _read_json(workdir: str, name: str):
+  """WORKDIR/NAME as a dict, or None when it does not exist."""
+  path = os.path.join(workdir, name)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    r = json.load(f)
+    return json.load(f)
+
+
+def model_row(workdir: str, num_images: int, split: str):
+  """The table row of WORKDIR/eval_results.json, or None when it does not exist."""
+  r = _read_json(workdir, RESULTS_FILE)
+  if r is None:
+    return None
   t = r.get('timesteps')
   notes = [f"variational bound, {r.get('params', '?')} params at step "
            f"{r.get('step', '?')}, {r.get('num_draws', '?')} draw(s) per image, "
@@ -108,11 +115,9 @@ def model_row(workdir: str, num_images: int, split: str):
 
 def codec_row(workdir: str, num_images: int, split: str):
   """The row of WORKDIR/codec_eval.json (a real bits-back file), or None."""
-  path = os.path.join(workdir, CODEC_FILE)
-  if not os.path.isfile(path):
+  r = _read_json(workdir, CODEC_FILE)
+  if r is None:
     return None
-  with open(path) as f:
-    r = json.load(f)
   notes = [f"one file of {r['file_bytes']} bytes (header and {r['initial_bits']} initial "
            f"bits included), T = {r['timesteps']}; net {r['net_bpd']:.4f} bpd against the "
            f"T-step bound {r['bound_bpd']:.4f}: {r['net_minus_bound_bpd']:+.4f} ± "
