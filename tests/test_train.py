@@ -58,6 +58,8 @@ def test_stop_and_resume_is_bit_identical(reference_run, tmp_path):
   resumed = train.train_and_evaluate(cfg, str(tmp_path))  # same command: resumes
   assert int(resumed.step) == 6
   common.assert_trees_equal(jax.device_get(resumed), full)
+  again = train.train_and_evaluate(cfg, str(tmp_path))  # finished: nothing more to do
+  common.assert_trees_equal(jax.device_get(again), full)
 
 
 _MULTI_DEVICE = r'''

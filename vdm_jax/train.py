@@ -255,7 +255,8 @@ def _train_loop(run, wd, state, manager, writer, signals):
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                            every_secs=30.0)
   first_step, pending, skipped = step, [], 0
-  local = _stack([next(batches) for _ in range(next_boundary(step, config) - step)])
+  if step < tc.num_steps:
+    local = _stack([next(batches) for _ in range(next_boundary(step, config) - step)])
   while step < tc.num_steps:
     n = next_boundary(step, config) - step
     global_batch = {k: parallel.global_array(run.mesh, v, leading_axes=1)
