@@ -40,6 +40,7 @@ import numpy as np
 
 from vdm_jax import build
 from vdm_jax import datasets
+from vdm_jax import host_memory
 from vdm_jax import networks
 from vdm_jax import parallel
 from vdm_jax import sampling
@@ -68,6 +69,8 @@ flags.DEFINE_enum('matmul_dtype', 'float32', ['float32', 'bfloat16'],
                   'dtype of that matmul (bfloat16 to compare a bfloat16 model with '
                   'the bfloat16 rate).')
 flags.DEFINE_string('out', None, 'Write the JSON here.')
+flags.DEFINE_bool('keep_freed_memory', True, 'Keep freed host memory in the process, as '
+                  'vdm_jax.main does (vdm_jax/host_memory.py); false: glibc\'s defaults.')
 
 def image_shape(config):
   """The data's [H, W, C], without reading the data where the registry knows it."""
@@ -352,6 +355,8 @@ def table(result: dict) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.keep_freed_memory:
+    host_memory.keep_freed_memory()
   result = run_benchmark(
       FLAGS.config, FLAGS.batch_size, FLAGS.eval_batch_size, FLAGS.repeats,
       FLAGS.sample_num, FLAGS.sample_steps, FLAGS.skip_sampler, FLAGS.skip_eval,

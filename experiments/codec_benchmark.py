@@ -27,6 +27,7 @@ import numpy as np
 
 from vdm_jax import codec
 from vdm_jax import codec_tools
+from vdm_jax import host_memory
 from vdm_jax import datasets
 from vdm_jax import vdm
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -94,6 +95,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   f = flags.FLAGS
   r = benchmark(f.config, f.workdir, f.num_images, f.timesteps or f.config.codec.timesteps)
   print(markdown(r), end='')

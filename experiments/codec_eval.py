@@ -39,6 +39,7 @@ import numpy as np
 import codec_compare
 from vdm_jax import codec
 from vdm_jax import codec_tools
+from vdm_jax import host_memory
 from vdm_jax import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -127,6 +128,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   f = flags.FLAGS
   config = f.config
   results = evaluate(config, f.workdir, f.timesteps or config.codec.timesteps,

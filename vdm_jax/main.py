@@ -25,6 +25,7 @@ from vdm_jax import codec_tools
 from vdm_jax import evaluate
 from vdm_jax import ode
 from vdm_jax import errors
+from vdm_jax import host_memory
 from vdm_jax import original
 from vdm_jax import parallel
 from vdm_jax import sampling
@@ -123,6 +124,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_library_logs(FLAGS.verbose)
+  host_memory.keep_freed_memory()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
