@@ -4,8 +4,8 @@ On CPU every dispatch of a compiled computation allocates its temporaries (one
 buffer: 45 MiB for the MNIST default's train call) with malloc and frees them at the
 end. glibc serves blocks above its mmap threshold (at most 32 MiB by default) with
 fresh mmap pages and returns freed memory at the top of the heap to the kernel, so
-every dispatch faults in tens of megabytes of zeroed pages again: ~13,000 page faults
-per step of the MNIST default. Raising the mmap and trim thresholds keeps those pages:
+every dispatch faults in tens of megabytes of zeroed pages again: ~11,500 page faults
+per dispatch of the MNIST default. Raising the mmap and trim thresholds keeps those pages:
 on the 2-core development machine this made the MNIST default's train step 1.2×
 faster (BENCHMARKS.md). The cost is that the process keeps its peak heap, which a
 training process does anyway.
@@ -21,10 +21,9 @@ import sys
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks below this come from the heap, and the heap's top is returned to the kernel
-# only beyond the trim threshold: high enough for any single XLA buffer on a host.
-_MMAP_THRESHOLD = 1 << 32
-_TRIM_THRESHOLD = 1 << 36
+# Both thresholds at the largest value mallopt takes (an int, ~2 GiB): blocks below it
+# come from the heap, and the heap's top goes back to the kernel only beyond it.
+_THRESHOLD = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
@@ -38,7 +37,5 @@ def keep_freed_memory() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
-  # mallopt takes an int: the largest values it can express.
-  mmap_ok = mallopt(_M_MMAP_THRESHOLD, min(_MMAP_THRESHOLD, 2**31 - 1))
-  trim_ok = mallopt(_M_TRIM_THRESHOLD, min(_TRIM_THRESHOLD, 2**31 - 1))
-  return bool(mmap_ok and trim_ok)
+  set_ok = [mallopt(option, _THRESHOLD) for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
+  return all(set_ok)
