@@ -1,6 +1,9 @@
 """Tests of vdm_jax.errors: faults of input or environment become messages and exit 2."""
 
+import asyncio
 import errno
+import sys
+import types
 
 import pytest
 
@@ -70,3 +73,26 @@ def test_a_bug_still_raises():
   with pytest.raises(ZeroDivisionError):
     with errors.reported():
       raise ZeroDivisionError
+
+
+def _unraisable(exc):
+  return types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                               exc_traceback=exc.__traceback__, err_msg=None, object=None)
+
+
+def test_late_callbacks_into_a_closed_loop_are_dropped_and_nothing_else(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  errors.quiet_late_callbacks()
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    late = e
+  sys.unraisablehook(_unraisable(late))
+  assert not seen
+  other = [RuntimeError('Event loop is closed'), ValueError('anything else')]
+  for exc in other:  # the same text raised elsewhere, and another exception, pass on
+    sys.unraisablehook(_unraisable(exc))
+  assert [info.exc_value for info in seen] == other

@@ -43,6 +43,33 @@ def exit_with(message: str, verbose: bool = False, exc: Optional[BaseException] 
   sys.exit(code)
 
 
+def _is_late_loop_callback(exc_type, exc, tb) -> bool:
+  """A callback into an asyncio loop that was already closed (see quiet_late_callbacks)."""
+  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
+    return False
+  return any(frame.name == 'call_soon_threadsafe' for frame in traceback.extract_tb(tb))
+
+
+def quiet_late_callbacks() -> None:
+  """Stops tensorstore printing a traceback per write still in flight when a save fails.
+
+  When one write of an orbax save fails (a full disk), orbax closes the save's asyncio
+  loop while tensorstore still has writes in flight; each of them, on completing, calls
+  `loop.call_soon_threadsafe` on the closed loop, and tensorstore reports the RuntimeError
+  as unraisable (sys.unraisablehook): hundreds of tracebacks before the one-paragraph
+  error. Those results have nobody left to receive them, so the hook drops exactly that
+  exception and passes every other one on. Process-wide, so it is called by the entry point
+  (vdm_jax/main.py), not by the library.
+  """
+  previous = sys.unraisablehook
+
+  def hook(info):
+    if not _is_late_loop_callback(info.exc_type, info.exc_value, info.exc_traceback):
+      previous(info)
+
+  sys.unraisablehook = hook
+
+
 def describe_config_error(exc: BaseException, argv) -> str:
   """A message for an exception raised while loading --config or applying overrides."""
   path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)

@@ -125,6 +125,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_library_logs(FLAGS.verbose)
   host_memory.keep_freed_memory()
+  errors.quiet_late_callbacks()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
