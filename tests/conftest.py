@@ -1,0 +1,32 @@
+"""Session-wide test setup: one persistent XLA compilation cache for every subprocess.
+
+Many tests run `python -m vdm_jax.main` or a script in a fresh interpreter, and each
+would compile the same tiny model's train and evaluation steps again (about half of a
+40 s CLI run of configs/test.py). The cache lives in this session's temporary folder,
+shared by pytest-xdist's workers, so nothing carries over between sessions. In-process
+tests keep JAX's in-memory cache only.
+"""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope='session', autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # the session's folder, above each worker's own
+  path = base / 'xla_cache'
+  path.mkdir(exist_ok=True)
+  settings = {'JAX_COMPILATION_CACHE_DIR': str(path),
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+  before = {k: os.environ.get(k) for k in settings}
+  os.environ.update(settings)
+  yield path
+  for k, v in before.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
