@@ -13,7 +13,7 @@ options keep YNNPACK for matmuls and reductions only:
   its consumer. The decoder's normaliser (vdm.decoder_log_normaliser) then stores four
   [..., V] arrays instead of none (tests/test_compiler.py), and GroupNorm, swish and
   dropout each make extra passes over the activations. Without them the paper
-  network's train step ran ~1.3× faster (BENCHMARKS.md).
+  network's train step ran 1.2–1.6× faster (alternating processes, BENCHMARKS.md).
 
 They change how the arithmetic is scheduled, not what is computed: results agree to
 float32 rounding. Other backends get no options.
