@@ -208,17 +208,17 @@ def _scalars(workdir, tag: str) -> dict:
 
 
 @pytest.fixture(scope='module', autouse=True)
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache for this module, in process and in subprocesses."""
-  path = str(tmp_path_factory.mktemp('xla_cache'))
+def xla_cache(subprocess_compilation_cache):
+  """The session's compilation cache (tests/conftest.py) in process too, so that the
+  CLI processes reuse what the in-process reference run compiled."""
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
            'jax_persistent_cache_min_entry_size_bytes')
   before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_compilation_cache_dir', str(subprocess_compilation_cache))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   compilation_cache.reset_cache()
-  yield path
+  yield
   for name, value in before.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
@@ -235,10 +235,8 @@ def _reap():
 
 
 @pytest.fixture(scope='module')
-def cli_env(xla_cache):
-  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=xla_cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+def cli_env():
+  return dict(os.environ, JAX_PLATFORMS='cpu')  # with the session's compilation cache
 
 
 @pytest.fixture(scope='module')
