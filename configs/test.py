@@ -7,15 +7,10 @@ from vdm_jax import config_base
 
 
 def get_config():
-  config = config_base.get_config()
-  config.data.dataset = 'digits'
-  config.model.vocab_size = 17
+  config = config_base.config_beside(__file__, 'digits')
   config.model.n_embd = 8
   config.model.n_layer = 1
   config.model.groupnorm_groups = 4
-  config.model.fourier_n_min = 3
-  config.model.fourier_n_max = 4
-  config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 2
   config.optimizer.ema_rate = 0.99
   config.training.batch_size = 8
@@ -23,8 +18,6 @@ def get_config():
   config.training.steps_per_call = 2
   config.training.log_every = 2
   config.training.checkpoint_every = 2
-  config.training.eval_every = 0
-  config.training.sample_every = 0
   config.eval.batch_size = 64
   config.eval.num_examples = 100
   config.sample.num_samples = 4

@@ -39,12 +39,12 @@ from ml_collections import config_flags
 import numpy as np
 
 from vdm_jax import build
-from vdm_jax import datasets
-from vdm_jax import host_memory
-from vdm_jax import networks
-from vdm_jax import parallel
-from vdm_jax import sampling
-from vdm_jax import train
+from vdm_jax.data import datasets
+from vdm_jax.evaluation import sampling
+from vdm_jax.model import networks
+from vdm_jax.runtime import host_memory
+from vdm_jax.runtime import parallel
+from vdm_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -70,7 +70,7 @@ flags.DEFINE_enum('matmul_dtype', 'float32', ['float32', 'bfloat16'],
                   'the bfloat16 rate).')
 flags.DEFINE_string('out', None, 'Write the JSON here.')
 flags.DEFINE_bool('keep_freed_memory', True, 'Keep freed host memory in the process, as '
-                  'vdm_jax.main does (vdm_jax/host_memory.py); false: glibc\'s defaults.')
+                  'vdm_jax.main does (vdm_jax/runtime/host_memory.py); false: glibc\'s defaults.')
 
 def image_shape(config):
   """The data's [H, W, C], without reading the data where the registry knows it."""
@@ -198,7 +198,7 @@ def count_train_flops(config, shape, batch: int) -> float:
 
 def count_eval_flops(config, shape, batch: int) -> float:
   """FLOPs of one evaluation step (one draw per image)."""
-  from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   cmesh, model, params = _counting_model(config, shape)
   step = evaluate.make_eval_step(model, cmesh, 1, None)
 
@@ -241,7 +241,7 @@ def train_memory(config, mesh, shape, batch: int) -> dict:
 
 def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   """images/s of the evaluation step (one draw per image), FLOPs per batch."""
-  from vdm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   run = build_run(config, mesh, shape, batch)
   model, params = run.model, run.init_state().params
   step = evaluate.make_eval_step(model, mesh, 1, None)
@@ -379,12 +379,12 @@ flags.DEFINE_integer('ode_num_steps', 16,
 
 
 def bench_ode(config, batch: int, repeats: int, num_steps: int = 16) -> dict:
-  """images/s and NFE of one ODE evaluation step (vdm_jax/ode.py) on initial params.
+  """images/s and NFE of one ODE evaluation step (vdm_jax/evaluation/ode.py) on initial params.
 
   evaluations_per_s (network passes × images per second) carries over to a trained
   model, whose adaptive solve needs its own NFE: images/s ≈ evaluations_per_s / NFE.
   """
-  from vdm_jax import ode  # pylint: disable=g-import-not-at-top
+  from vdm_jax.evaluation import ode  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if num_steps:
     config.ode.num_steps = num_steps

@@ -26,10 +26,10 @@ from ml_collections import config_flags
 import numpy as np
 
 from vdm_jax import codec
-from vdm_jax import codec_tools
-from vdm_jax import host_memory
-from vdm_jax import datasets
-from vdm_jax import vdm
+from vdm_jax.codec import tools as codec_tools
+from vdm_jax.data import datasets
+from vdm_jax.model import vdm
+from vdm_jax.runtime import host_memory
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

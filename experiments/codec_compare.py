@@ -35,7 +35,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from vdm_jax import datasets
+from vdm_jax.data import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'eval_results.json'

@@ -3,7 +3,7 @@ r"""A model's bits-back files against its discrete-time bound, on its test image
   python experiments/codec_eval.py --config=configs/mnist.py --workdir=workdirs/mnist
 
 Compresses the evaluation images (config.eval.split, the first config.eval.num_examples
-or --num_images of them) into one file with the workdir's model (vdm_jax/codec.py, T =
+or --num_images of them) into one file with the workdir's model (vdm_jax/codec/coder.py, T =
 config.codec.timesteps unless --timesteps), decodes it and checks every image, and
 estimates the discrete-time bound at the same T on the same images with every one of
 the T diffusion terms drawn per image (--bound_draws times, averaged). Reports:
@@ -38,9 +38,9 @@ import numpy as np
 
 import codec_compare
 from vdm_jax import codec
-from vdm_jax import codec_tools
-from vdm_jax import host_memory
-from vdm_jax import datasets
+from vdm_jax.codec import tools as codec_tools
+from vdm_jax.data import datasets
+from vdm_jax.runtime import host_memory
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'codec_eval.json'

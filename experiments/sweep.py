@@ -66,7 +66,7 @@ RESULTS_FILE = 'eval_results.json'
 LOG_FILE = 'sweep.log'
 RESULT_COLUMNS = ('bpd', 'bpd_stderr', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'step')
 MODES = ('train', 'eval', 'sample')
-PREEMPTED_EXIT_CODE = 75  # vdm_jax.train.PREEMPTED_EXIT_CODE, without importing jax.
+PREEMPTED_EXIT_CODE = 75  # vdm_jax.errors.PREEMPTED_EXIT_CODE (importing vdm_jax imports jax).
 _MAX_NAME = 150
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+=-]')
 _KEY = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vdm_jax import config_base
-from vdm_jax import vdm
+from vdm_jax.model import vdm
 
 
 def tiny_model_config(**overrides) -> ml_collections.ConfigDict:

@@ -6,8 +6,8 @@ import pytest
 
 import common
 from vdm_jax import build
+from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax import validation
-from vdm_jax import workdir as workdir_lib
 
 
 def test_build_describes_the_data_and_the_state_it_will_create():

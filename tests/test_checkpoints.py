@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.checkpoints: save, restore the newest good one, name mismatches."""
+"""Tests of vdm_jax.runtime.checkpoints: save, restore the newest good one, name mismatches."""
 
 import os
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import common
-from vdm_jax import checkpoints
-from vdm_jax import parallel
-from vdm_jax import train_state
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import parallel
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.training import train_state
 
 
 def _state(step, value, width=3):

@@ -1,4 +1,4 @@
-"""The bits-back codec (vdm_jax/codec.py, docs/maths.md §9): exact round trips, every
+"""The bits-back codec (vdm_jax/codec/coder.py, docs/maths.md §9): exact round trips, every
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from vdm_jax import codec
-from vdm_jax import codec_table
-from vdm_jax import codec_format
-from vdm_jax import codec_tools
-from vdm_jax import vdm
+from vdm_jax.codec import coder
+from vdm_jax.codec import file_format
+from vdm_jax.codec import tables
+from vdm_jax.codec import tools as codec_tools
+from vdm_jax.model import vdm
 
 T = 3  # Few steps: every round trip below is exact whatever T is.
 
@@ -34,9 +34,9 @@ def tiny_model(vocab_size=17, channels=1, size=4, seed=0):
 
 def round_trip(images, vocab_size=17, batch_size=2, **kwargs):
   model, params = tiny_model(vocab_size, images.shape[-1], images.shape[1])
-  data, report = codec.compress(model, params, images, timesteps=T,
+  data, report = coder.compress(model, params, images, timesteps=T,
                                 batch_size=batch_size, **kwargs)
-  decoded = codec.decompress(model, params, data)
+  decoded = coder.decompress(model, params, data)
   np.testing.assert_array_equal(decoded, images)
   assert decoded.dtype == np.uint8
   return data, report
@@ -81,7 +81,7 @@ def test_round_trip_larger_first_group():
 def encoded():
   images = random_images(3)
   model, params = tiny_model()
-  data, _ = codec.compress(model, params, images, timesteps=T, batch_size=2)
+  data, _ = coder.compress(model, params, images, timesteps=T, batch_size=2)
   return images, data
 
 
@@ -89,8 +89,8 @@ def test_other_parameters_are_refused(encoded):
   _, data = encoded
   model, params = tiny_model()
   other = jax.tree.map(lambda p: p + 1e-3, params)
-  with pytest.raises(codec_format.MismatchError, match='parameters'):
-    codec.decompress(model, other, data)
+  with pytest.raises(file_format.MismatchError, match='parameters'):
+    coder.decompress(model, other, data)
 
 
 def test_other_model_config_is_refused(encoded):
@@ -99,8 +99,8 @@ def test_other_model_config_is_refused(encoded):
   cfg = test_config.get_config().model
   cfg.n_embd = 4
   other = vdm.VDM.from_config(cfg)
-  with pytest.raises(codec_format.MismatchError, match='another model'):
-    codec.decompress(other, params, data)
+  with pytest.raises(file_format.MismatchError, match='another model'):
+    coder.decompress(other, params, data)
 
 
 @pytest.mark.parametrize('setting', ['timesteps', 'resolution', 'first_resolution',
@@ -108,17 +108,17 @@ def test_other_model_config_is_refused(encoded):
 def test_other_coding_settings_are_refused(encoded, setting):
   _, data = encoded
   model, params = tiny_model()
-  header = codec.read_header(data)
-  with pytest.raises(codec_format.MismatchError, match=setting):
-    codec.decompress(model, params, data, **{setting: getattr(header, setting) + 1})
+  header = coder.read_header(data)
+  with pytest.raises(file_format.MismatchError, match=setting):
+    coder.decompress(model, params, data, **{setting: getattr(header, setting) + 1})
 
 
 def test_truncated_file_is_refused(encoded):
   _, data = encoded
   model, params = tiny_model()
   for cut in (1, 4, len(data) // 2, len(data) - 3):
-    with pytest.raises(codec_format.CorruptFileError, match='Truncated|truncated'):
-      codec.decompress(model, params, data[:cut] if cut > 4 else data[:-cut])
+    with pytest.raises(file_format.CorruptFileError, match='Truncated|truncated'):
+      coder.decompress(model, params, data[:cut] if cut > 4 else data[:-cut])
 
 
 def test_altered_bytes_are_refused(encoded):
@@ -127,35 +127,35 @@ def test_altered_bytes_are_refused(encoded):
   for position, what in ((len(data) - 2, 'payload'), (40, 'header'), (0, 'Not a')):
     altered = bytearray(data)
     altered[position] ^= 0x10
-    with pytest.raises(codec_format.CorruptFileError, match=what):
-      codec.decompress(model, params, bytes(altered))
+    with pytest.raises(file_format.CorruptFileError, match=what):
+      coder.decompress(model, params, bytes(altered))
 
 
 def test_other_environment_is_refused(encoded, monkeypatch):
   _, data = encoded
   model, params = tiny_model()
-  monkeypatch.setattr(codec_format, 'environment', lambda: 'jax 0.0; other device')
-  with pytest.raises(codec_format.MismatchError, match='other device'):
-    codec.decompress(model, params, data)
+  monkeypatch.setattr(file_format, 'environment', lambda: 'jax 0.0; other device')
+  with pytest.raises(file_format.MismatchError, match='other device'):
+    coder.decompress(model, params, data)
 
 
 def test_different_network_outputs_never_give_silent_images(encoded, monkeypatch):
   # As if the decoder's device computed ε̂ one float32 ulp differently.
   images, data = encoded
   model, params = tiny_model()
-  original = codec.Network.eps_hat
-  monkeypatch.setattr(codec.Network, 'eps_hat', lambda self, z, g, b: np.nextafter(
+  original = coder.Network.eps_hat
+  monkeypatch.setattr(coder.Network, 'eps_hat', lambda self, z, g, b: np.nextafter(
       original(self, z, g, b).astype(np.float32), np.float32(np.inf)).astype(np.float64))
-  with pytest.raises(codec_format.CodecError):
-    codec.decompress(model, params, data)
+  with pytest.raises(file_format.CodecError):
+    coder.decompress(model, params, data)
 
 
 def test_bad_images_are_refused():
   model, params = tiny_model()
-  with pytest.raises(codec_format.CodecError, match='0..16'):
-    codec.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
-  with pytest.raises(codec_format.CodecError, match=r'\[N, H, W, C\]'):
-    codec.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
+  with pytest.raises(file_format.CodecError, match='0..16'):
+    coder.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
+  with pytest.raises(file_format.CodecError, match=r'\[N, H, W, C\]'):
+    coder.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
 
 
 # ------------------------------------------------------------------ rates
@@ -164,7 +164,7 @@ def test_stream_matches_the_information_content():
   24-bit quantisation and leaks cost well under 0.1 % (here ~5e5 bits in all)."""
   model, params = tiny_model()
   images = random_images(8)
-  _, report = codec.compress(model, params, images, timesteps=20, batch_size=8,
+  _, report = coder.compress(model, params, images, timesteps=20, batch_size=8,
                              ideal_bits=True)
   ideal = report.ideal_bits.sum()
   assert abs(report.net_bits - ideal) < 1e-3 * ideal + 64
@@ -172,7 +172,7 @@ def test_stream_matches_the_information_content():
 
 
 class ExactSampler:
-  """Stands in for codec._Coder: pops draw from the quantised Gaussians with numpy's
+  """Stands in for coder._Coder: pops draw from the quantised Gaussians with numpy's
   generator instead of reading the stack, pushes only add up −log2 P. The scheme's
   arithmetic (grids, references, means, variances) is the coder's own."""
 
@@ -182,7 +182,7 @@ class ExactSampler:
     self.rng = np.random.default_rng(seed)
 
   def _add(self, sign, k, ref, mean, std, half):
-    bits = codec._gauss_bits((k - ref).ravel(), (mean - ref).ravel(), std, half)
+    bits = coder._gauss_bits((k - ref).ravel(), (mean - ref).ravel(), std, half)
     self.ideal += sign * bits.reshape(len(k), -1).sum(axis=1)
 
   def pop(self, half, ref, mean, std):
@@ -203,10 +203,10 @@ class ExactSampler:
 def sampled_rate(model, params, images, steps, resolution=8, support=8):
   """Per-image code length (bits) of the scheme with exact samples from q."""
   vocab = int(model.config.vocab_size)
-  tab = codec_table.coding_table(codec_table.gamma_grid(model, params, steps), resolution, support)
-  net = codec.Network(model, params, images.shape[1:], vocab, tab.gamma[0])
+  tab = tables.coding_table(tables.gamma_grid(model, params, steps), resolution, support)
+  net = coder.Network(model, params, images.shape[1:], vocab, tab.gamma[0])
   sampler = ExactSampler(len(images))
-  codec.encode_group(sampler, net, tab, images.reshape(len(images), -1).astype(np.int64),
+  coder.encode_group(sampler, net, tab, images.reshape(len(images), -1).astype(np.int64),
                      vocab, len(images))
   return sampler.ideal
 
@@ -242,7 +242,7 @@ def test_net_rate_on_an_untrained_model_is_near_the_bound():
   model, params = tiny_model()
   images = random_images(16)
   steps = 100
-  _, report = codec.compress(model, params, images, timesteps=steps, batch_size=16,
+  _, report = coder.compress(model, params, images, timesteps=steps, batch_size=16,
                              ideal_bits=True)
   bound = codec_tools.discrete_bound(model, params, images, steps, batch_size=16)
   diff = report.ideal_bits - bound
@@ -253,7 +253,7 @@ def test_net_rate_on_an_untrained_model_is_near_the_bound():
 
 def test_coding_table_grids_are_fine_and_supports_small():
   gamma = np.linspace(-13.3, 5.0, 1001).astype(np.float32).astype(np.float64)
-  tab = codec_table.coding_table(gamma, resolution=8, support=8)
+  tab = tables.coding_table(gamma, resolution=8, support=8)
   # Every Gaussian coded has at least `resolution` bins per standard deviation...
   assert tab.q_std.min() >= 8 - 1e-9 and tab.p_std.min() >= 8 - 1e-9
   # ...and supports far below constriction's 2^24 probability resolution.

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import compiler
+from vdm_jax.runtime import compiler
 
 
 def test_options_keep_conv_values_and_gradients_to_float_rounding():

@@ -8,7 +8,7 @@ import pytest
 
 import common
 from vdm_jax import config_base
-from vdm_jax import datasets
+from vdm_jax.data import datasets
 
 compression = common.load_experiment('codec_compare.py')
 

@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.datasets: the registry, the in-package data, .npz files and tfds."""
+"""Tests of vdm_jax.data.datasets: the registry, the in-package data, .npz files and tfds."""
 
 import gzip
 import importlib.resources
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import common
-from vdm_jax import datasets
-from vdm_jax import input_pipeline
+from vdm_jax.data import datasets
+from vdm_jax.data import input_pipeline
 
 
 # -------------------------------------------------------------------- datasets

@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.evaluate: the bound over a split, its standard error, its JSON."""
+"""Tests of vdm_jax.evaluation.evaluate: the bound over a split, its standard error, its JSON."""
 
 import math
 
@@ -7,9 +7,9 @@ import numpy as np
 
 import common
 from vdm_jax import build
-from vdm_jax import datasets
-from vdm_jax import evaluate
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.data import datasets
+from vdm_jax.evaluation import evaluate
+from vdm_jax.runtime import workdir as workdir_lib
 
 
 def _run(num_examples, batch_size, num_draws=1):

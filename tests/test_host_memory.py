@@ -1,4 +1,4 @@
-"""vdm_jax/host_memory.py: freed blocks stay in the process instead of faulting in again."""
+"""vdm_jax/runtime/host_memory.py: freed blocks stay in the process instead of faulting in again."""
 
 import resource
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 # Allocates, touches and frees a 64 MiB block five times; prints the minor page faults.
 _PROGRAM = textwrap.dedent("""
     import ctypes, ctypes.util, resource, sys
-    from vdm_jax import host_memory
+    from vdm_jax.runtime import host_memory
     if sys.argv[1] == 'keep':
       assert host_memory.keep_freed_memory()
     libc = ctypes.CDLL(ctypes.util.find_library('c'))

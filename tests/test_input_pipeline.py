@@ -1,11 +1,11 @@
-"""Tests of vdm_jax.input_pipeline: training order, augmentation, evaluation passes."""
+"""Tests of vdm_jax.data.input_pipeline: training order, augmentation, evaluation passes."""
 
 import numpy as np
 import pytest
 
 import common
-from vdm_jax import input_pipeline
-from vdm_jax import datasets
+from vdm_jax.data import datasets
+from vdm_jax.data import input_pipeline
 
 
 def _transforms(image):

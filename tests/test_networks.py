@@ -11,8 +11,8 @@ import pytest
 
 import common
 from vdm_jax import config_base
-from vdm_jax import networks
-from vdm_jax import vdm
+from vdm_jax.model import networks
+from vdm_jax.model import vdm
 
 
 def _param_shapes(model_cfg, image_shape):
@@ -296,7 +296,6 @@ def test_chunked_attention_backward_recomputes_the_weights():
   temp = grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
   all_weights = b * n * n * 4
   assert temp < all_weights, (temp, all_weights)
-
 
 
 def test_images_per_chunk():

@@ -18,7 +18,7 @@ import pytest
 from scipy import special
 
 import common
-from vdm_jax import ode
+from vdm_jax.evaluation import ode
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 SHAPE = (4, 4, 4, 1)  # B, H, W, C
@@ -268,7 +268,8 @@ def _eval_config():
 
 @pytest.mark.slow
 def test_evaluate_reports_bpd_nfe_and_the_importance_weighted_bound():
-  from vdm_jax import parallel, vdm  # pylint: disable=g-import-not-at-top
+  from vdm_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from vdm_jax.model import vdm
   config = _eval_config()
   model = vdm.VDM.from_config(config.model)
   _, variables = common.init_model(config.model, shape=(2, 8, 8, 1))
@@ -283,7 +284,9 @@ def test_evaluate_reports_bpd_nfe_and_the_importance_weighted_bound():
 
 _LOCKSTEP = '''
 import json, jax, numpy as np, common
-from vdm_jax import ode, parallel, vdm
+from vdm_jax.evaluation import ode
+from vdm_jax.model import vdm
+from vdm_jax.runtime import parallel
 from test_ode import _eval_config
 config = _eval_config()
 config.eval.batch_size = 8

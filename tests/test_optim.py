@@ -10,8 +10,8 @@ import pytest
 
 import common
 from configs import cifar10
-from vdm_jax import optim
-from vdm_jax import vdm
+from vdm_jax.model import vdm
+from vdm_jax.training import optim
 
 _BLOCK_SCALES = ('GroupNorm_0/scale', 'GroupNorm_1/scale')
 _BLOCK_KERNELS = ('cond_proj/kernel', 'conv1/kernel', 'conv2/kernel')

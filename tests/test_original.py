@@ -24,11 +24,11 @@ import pytest
 
 import common
 from vdm_jax import build
-from vdm_jax import checkpoints
+from vdm_jax.model import vdm
 from vdm_jax import original
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax import validation
-from vdm_jax import vdm
-from vdm_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 123

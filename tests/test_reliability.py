@@ -31,14 +31,14 @@ from tensorboard.util import tensor_util
 
 import common
 from vdm_jax import build
-from vdm_jax import checkpoints
+from vdm_jax.data import datasets
+from vdm_jax.data import input_pipeline
 from vdm_jax import errors
-from vdm_jax import evaluate
-from vdm_jax import input_pipeline
-from vdm_jax import train
+from vdm_jax.evaluation import evaluate
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.training import train
 from vdm_jax import validation
-from vdm_jax import workdir as workdir_lib
-from vdm_jax import datasets
 
 NUM_STEPS = 20
 # One step per dispatch, so that a run resumed at any step repeats the same programs.
@@ -356,7 +356,7 @@ def test_sigterm_and_sigint_checkpoint_the_step_in_flight(reference, tmp_path, c
     run = _Cli(workdir, flags, cli_env)
     assert run.wait_for(rf'\] \[{marker}\] train/'), run.output[-3000:]
     run.send(sig)
-    assert run.finish() == train.PREEMPTED_EXIT_CODE, run.output[-3000:]
+    assert run.finish() == errors.PREEMPTED_EXIT_CODE, run.output[-3000:]
     found = re.search(r'Stopped by signal at step (\d+); checkpoint written to (\S+)\. '
                       r'Run the same command again to continue\.', run.output)
     assert found, run.output[-3000:]
@@ -392,7 +392,7 @@ def test_two_processes_stop_at_the_same_step(tmp_path, cli_env):
   assert runs[0].wait_for(r'\] \[3\] train/'), runs[0].output[-3000:]
   runs[1].send(signal.SIGTERM)  # only one process is told
   codes = [run.finish() for run in runs]
-  assert codes == [train.PREEMPTED_EXIT_CODE] * 2, [r.output[-2000:] for r in runs]
+  assert codes == [errors.PREEMPTED_EXIT_CODE] * 2, [r.output[-2000:] for r in runs]
   steps = [int(re.search(r'Stopped by signal at step (\d+)', r.output).group(1))
            for r in runs]
   assert steps[0] == steps[1] and 3 <= steps[0] < 1000

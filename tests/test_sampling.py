@@ -1,11 +1,11 @@
-"""Tests of vdm_jax.sampling: the compiled sampler and the PNG grid (docs/maths.md §7)."""
+"""Tests of vdm_jax.evaluation.sampling: the compiled sampler and the PNG grid (docs/maths.md §7)."""
 
 import numpy as np
 
 import common
 from vdm_jax import build
-from vdm_jax import sampling
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.evaluation import sampling
+from vdm_jax.runtime import workdir as workdir_lib
 
 
 def test_to_uint8_maps_the_vocabulary_onto_0_255():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import common
-from vdm_jax import schedules
+from vdm_jax.model import schedules
 
 GMIN, GMAX = -13.3, 5.0
 T_GRID = jnp.linspace(0.0, 1.0, 1001)

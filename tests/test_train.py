@@ -10,11 +10,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import common
-from vdm_jax import datasets
-from vdm_jax import evaluate
-from vdm_jax import optim
-from vdm_jax import sampling
-from vdm_jax import train
+from vdm_jax.data import datasets
+from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import sampling
+from vdm_jax.training import optim
+from vdm_jax.training import train
 
 
 def _test_config(**training):
@@ -64,7 +64,11 @@ def test_stop_and_resume_is_bit_identical(reference_run, tmp_path):
 
 _MULTI_DEVICE = r'''
 import json, jax, numpy as np, common
-from vdm_jax import build, evaluate, input_pipeline, parallel, train
+from vdm_jax import build
+from vdm_jax.data import input_pipeline
+from vdm_jax.evaluation import evaluate
+from vdm_jax.runtime import parallel
+from vdm_jax.training import train
 cfg = common.load_config('test')
 out = {}
 for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import common
-from vdm_jax import compiler
-from vdm_jax import vdm
+from vdm_jax.model import vdm
+from vdm_jax.runtime import compiler
 
 
 def _images(key, shape=(4, 8, 8, 1), vocab=256):

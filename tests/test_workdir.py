@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.workdir and vdm_jax.workdir_lock: the files of a run and its owner."""
+"""Tests of vdm_jax.runtime.workdir and vdm_jax.runtime.workdir_lock: the files of a run and its owner."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import common
-from vdm_jax import workdir as workdir_lib
-from vdm_jax import workdir_lock
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.runtime import workdir_lock
 
 
 def test_config_round_trip_and_garbled_config(tmp_path):
@@ -68,7 +68,8 @@ def test_create_and_require_name_what_is_wrong(tmp_path):
 
 _HOLDER = r'''
 import sys, time
-from vdm_jax import workdir, workdir_lock
+from vdm_jax.runtime import workdir
+from vdm_jax.runtime import workdir_lock
 with workdir_lock.hold(workdir.Workdir(sys.argv[1])):
   print('held', flush=True)
   time.sleep(600)

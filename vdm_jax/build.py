@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vdm_jax import checkpoints
-from vdm_jax import datasets
-from vdm_jax import optim
-from vdm_jax import parallel
-from vdm_jax import train_state
+from vdm_jax.data import datasets
+from vdm_jax.model import vdm
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import parallel
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.training import optim
+from vdm_jax.training import train_state
 from vdm_jax import validation
-from vdm_jax import vdm
-from vdm_jax import workdir as workdir_lib
 
 
 def rng_streams(seed: int) -> tuple[jax.Array, jax.Array]:

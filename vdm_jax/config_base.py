@@ -4,8 +4,24 @@ Every config in `configs/` starts from `get_config()` here and overrides what di
 so that each field is defined (and commented) exactly once.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
+
+
+def config_beside(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """get_config() of the config file NAME.py in the folder of `config_file`.
+
+  A variant starts from the config it varies (`config_beside(__file__, 'digits')`), so
+  that each setting is written once, whichever folder the command is run from.
+  """
+  path = pathlib.Path(config_file).resolve().with_name(f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'vdm_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -50,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.p_drop = 0.1  # Dropout rate inside ResNet blocks (training only).
   model.groupnorm_groups = 32  # GroupNorm groups; n_embd must divide by it.
   model.dtype = 'float32'  # Compute dtype of the network: float32 | bfloat16 (params stay float32).
-  model.remat = False  # Keep only each ResNet/attention block's inputs; recompute it in the backward pass (vdm_jax/remat.py).
+  model.remat = False  # Keep only each ResNet/attention block's inputs; recompute it in the backward pass (vdm_jax/model/remat.py).
   model.attention_impl = 'auto'  # Self-attention: batched | chunked (a loop over a few images, cache-friendly) | auto (= chunked on CPU, batched elsewhere).
 
   # -------------------------------------------------------------- optimiser (§8)
@@ -117,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
   sample.conditioning = 0.0  # The conditioning value given to every sample.
 
-  # ------------------------------------------------ bits-back coding (vdm_jax/codec.py)
+  # ------------------------------------------------ bits-back coding (vdm_jax/codec/coder.py)
   config.codec = codec = ml_collections.ConfigDict()
   codec.timesteps = 400  # T of the discrete-time model the files use (docs/maths.md §9: rate against time).
   codec.batch_size = 64  # Largest network batch; a decoder uses the file's (it is in the header).

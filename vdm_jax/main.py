@@ -21,15 +21,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from vdm_jax import codec_tools
-from vdm_jax import evaluate
-from vdm_jax import ode
-from vdm_jax import errors
-from vdm_jax import host_memory
+from vdm_jax.codec import tools as codec_tools
+from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import sampling
 from vdm_jax import original
-from vdm_jax import parallel
-from vdm_jax import sampling
-from vdm_jax import train
+from vdm_jax import reporting
+from vdm_jax.runtime import host_memory
+from vdm_jax.runtime import parallel
+from vdm_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -59,7 +58,7 @@ def _quiet_library_logs(verbose: bool) -> None:
 
   orbax logs every step of every save at INFO; a failed asynchronous save (a full disk)
   is also logged by orbax and asyncio with tracebacks. The user gets it as one message
-  from vdm_jax.errors instead.
+  from vdm_jax.reporting instead.
   """
   class _Filter(std_logging.Filter):
     def filter(self, record):
@@ -82,12 +81,10 @@ def _train(config):
 
 
 def _eval(config):
-  if config.eval.estimator == 'ode':  # the probability-flow ODE's likelihood (§10)
-    results = ode.evaluate_workdir(config, FLAGS.workdir)
+  results = evaluate.evaluate_workdir(config, FLAGS.workdir)
+  if results.get('estimator') == 'ode':  # the probability-flow ODE's likelihood (§10)
     print(f"ODE: {results['nfe']:.0f} function evaluations per solve, "
           f"{results['seconds_per_image']:.3f} s per image and draw")
-  else:
-    results = evaluate.evaluate_workdir(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(f"test bpd {results['bpd']:.4f} ± {results['bpd_stderr']:.4f} "
           f"({results['num_examples']} images of split {results['split']!r}, "
@@ -125,15 +122,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_library_logs(FLAGS.verbose)
   host_memory.keep_freed_memory()
-  errors.quiet_late_callbacks()
+  reporting.quiet_late_callbacks()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
     config = FLAGS.config
     config.to_dict()  # ml_collections loads the file on first use
   except Exception as e:  # pylint: disable=broad-except
-    errors.exit_with(errors.describe_config_error(e, sys.argv), FLAGS.verbose, e)
-  with errors.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
+    reporting.exit_with(reporting.describe_config_error(e, sys.argv), FLAGS.verbose, e)
+  with reporting.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
     MODES[FLAGS.mode](config)
 
 
@@ -142,9 +139,9 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    errors.exit_with(str(e), verbose='--verbose' in argv)
+    reporting.exit_with(str(e), verbose='--verbose' in argv)
   except Exception as e:  # pylint: disable=broad-except  # the config file itself raised
-    errors.exit_with(errors.describe_config_error(e, argv), verbose='--verbose' in argv,
+    reporting.exit_with(reporting.describe_config_error(e, argv), verbose='--verbose' in argv,
                      exc=e)
 
 

@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
-from vdm_jax import checkpoints
-from vdm_jax import train_state
-from vdm_jax import workdir as workdir_lib
-from vdm_jax import workdir_lock
+from vdm_jax import errors
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.runtime import workdir_lock
+from vdm_jax.training import train_state
 
 REQUIRED_KEYS = ('step', 'params', 'ema_params')
 _CKPT_FILE = re.compile(r'^ckpt-(\d+)\.flax$')
 _HOST_FOLDER = re.compile(r'^checkpoints-(\d+)$')
 
 
-class OriginalCheckpointError(ValueError):
+class OriginalCheckpointError(errors.InputError, ValueError):
   """The file is not a readable checkpoint of the original code."""
 
 

@@ -9,12 +9,13 @@ from flax import traverse_util
 import jax
 
 from vdm_jax import config_base
-from vdm_jax import datasets
-from vdm_jax import networks
-from vdm_jax import ode
-from vdm_jax import optim
-from vdm_jax import schedules
-from vdm_jax import vdm
+from vdm_jax.data import datasets
+from vdm_jax import errors
+from vdm_jax.evaluation import ode
+from vdm_jax.model import networks
+from vdm_jax.model import schedules
+from vdm_jax.model import vdm
+from vdm_jax.training import optim
 
 DTYPES = ('float32', 'bfloat16')
 DECODES = ('argmax', 'draw')
@@ -29,7 +30,7 @@ MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InputError, ValueError):
   """One or more config fields are invalid; the message lists each with the fix."""
 
   def __init__(self, errors):
@@ -160,7 +161,7 @@ def check_fields(config) -> list[str]:
 
 
 def _check_ode_fields(config) -> list[str]:
-  """eval.estimator and the probability-flow ODE's section (vdm_jax/ode.py)."""
+  """eval.estimator and the probability-flow ODE's section (vdm_jax/evaluation/ode.py)."""
   errors, o = [], config.ode
   _choice(errors, 'eval.estimator', config.eval.estimator, ('bound', 'ode'))
   _choice(errors, 'ode.solver', o.solver, ode.SOLVERS)

@@ -9,8 +9,8 @@ ANS stack (constriction) in the order that needs initial bits only for the first
              push z_T ~ N(0, I).
     decode:  the same steps in reverse, pushes and pops exchanged.
 
-    data, report = codec.compress(model, params, images, timesteps=400)
-    images = codec.decompress(model, params, data)
+    data, report = coder.compress(model, params, images, timesteps=400)
+    images = coder.decompress(model, params, data)
 
 Latents live on grids z_i = k_i·δ_i, δ_i a fixed fraction of the standard deviations
 coded at level i, and are coded as integer offsets from a reference point that the
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from vdm_jax import codec_format
-from vdm_jax import codec_table
-from vdm_jax import vdm
+from vdm_jax.codec import file_format
+from vdm_jax.codec import tables
+from vdm_jax.model import vdm
 
 _QG = constriction.stream.model.QuantizedGaussian
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
@@ -139,9 +139,9 @@ class _Coder:
     start = time.perf_counter()
     off = (k - ref).ravel()
     if np.abs(off).max() > half:
-      raise codec_format.CodecError(
+      raise file_format.CodecError(
           f'A latent fell {int(np.abs(off).max())} bins from its reference, outside '
-          f'the coder\'s support of ±{int(half)}; increase codec.support.')
+          f'the coder\'s support of ±{int(half)}; increase coder.support.')
     rel = (mean - ref).ravel()
     self.ans.encode_reverse(off.astype(np.int32), self._family(half), rel,
                             np.full(rel.shape, std))
@@ -173,7 +173,7 @@ def _gauss_bits(off, mean, std, half) -> np.ndarray:
   return -np.log2(np.maximum(mass / total, 2.0**-24))
 
 
-def encode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, x: np.ndarray,
+def encode_group(coder: _Coder, net: Network, tab: tables.CodingTable, x: np.ndarray,
                  vocab_size: int, batch: int) -> None:
   """Pushes the images x [g, D] onto the stack (the encoding order of §9)."""
   T = tab.timesteps
@@ -193,7 +193,7 @@ def encode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, x: n
   coder.push(k, tab.p_half[T], zero, zero, tab.p_std[T])
 
 
-def decode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, shape,
+def decode_group(coder: _Coder, net: Network, tab: tables.CodingTable, shape,
                  vocab_size: int, batch: int) -> np.ndarray:
   """Pops g images [g, D] off the stack: encode_group run backwards."""
   T = tab.timesteps
@@ -218,22 +218,22 @@ def decode_group(coder: _Coder, net: Network, tab: codec_table.CodingTable, shap
 def _check_images(images, vocab_size: int) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not len(images):
-    raise codec_format.CodecError(
+    raise file_format.CodecError(
         f'images must be a non-empty integer array [N, H, W, C], got {images.dtype} '
         f'{images.shape}.')
   if images.min() < 0 or images.max() >= vocab_size:
-    raise codec_format.CodecError(
+    raise file_format.CodecError(
         f'image values must lie in 0..{vocab_size - 1} (the model\'s vocab_size), got '
         f'{images.min()}..{images.max()}.')
   return images.astype(np.int64)
 
 
-def _first_pops_bits(tab: codec_table.CodingTable, dims: int) -> float:
+def _first_pops_bits(tab: tables.CodingTable, dims: int) -> float:
   """Expected bits of an image's first two pops (z_0, z_1): its dip before any push."""
   return dims * (math.log2(tab.q_std[0] * tab.q_std[1]) + math.log2(2 * math.pi * math.e))
 
 
-def _seed_size(tab: codec_table.CodingTable, dims: int, first_group: int) -> int:
+def _seed_size(tab: tables.CodingTable, dims: int, first_group: int) -> int:
   """Seed words for the first group's dip: its first two pops' supports, twice."""
   bits = dims * first_group * (math.log2(2 * tab.q_half[0] + 1) +
                                math.log2(2 * tab.q_half[1] + 1))
@@ -242,7 +242,7 @@ def _seed_size(tab: codec_table.CodingTable, dims: int, first_group: int) -> int
 
 def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 64,
              first_group: int = 1, resolution: int = 8, first_resolution: int = 2,
-             first_images: int = 8, support: int = 8, ideal_bits: bool = False) -> tuple[bytes, codec_format.Report]:
+             first_images: int = 8, support: int = 8, ideal_bits: bool = False) -> tuple[bytes, file_format.Report]:
   """Codes uint8/integer images [N, H, W, C] into one file (§9); returns (file, report).
 
   timesteps: T of the discrete-time model. batch_size: largest network batch.
@@ -259,14 +259,14 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
   images = _check_images(images, vocab)
   n, shape = len(images), images.shape[1:]
   dims = math.prod(shape)
-  gamma = codec_table.gamma_grid(model, params, timesteps)
-  tabs = (codec_table.coding_table(gamma, first_resolution, support),
-          codec_table.coding_table(gamma, resolution, support))
+  gamma = tables.gamma_grid(model, params, timesteps)
+  tabs = (tables.coding_table(gamma, first_resolution, support),
+          tables.coding_table(gamma, resolution, support))
   net = Network(model, params, shape, vocab, gamma[0])
   seed_size = _seed_size(tabs[0], dims, min(first_group, n))
   flat = images.reshape(n, dims)
   while True:
-    seed = codec_format.seed_words(seed_size)
+    seed = file_format.seed_words(seed_size)
     coder = _Coder(seed, ideal_bits=n if ideal_bits else None)
     seed_bits = coder.bits()
     floor, groups, pos = coder.bits(), [], 0
@@ -293,18 +293,18 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
   while untouched > 0 and not np.array_equal(final[:untouched], seed[:untouched]):
     untouched -= 1
   payload = final[untouched:]
-  header = codec_format.Header(
-      config_hash=codec_format.config_hash(model.config),
-      params_hash=codec_format.params_hash(params), table_hash=_tables_digest(tabs),
+  header = file_format.Header(
+      config_hash=file_format.config_hash(model.config),
+      params_hash=file_format.params_hash(params), table_hash=_tables_digest(tabs),
       timesteps=timesteps, resolution=resolution, first_resolution=first_resolution,
       first_images=first_images, support=support, num_images=n,
       image_shape=tuple(shape), vocab_size=vocab, batch_size=batch_size,
       seed_words=seed_size, untouched_words=untouched, payload_words=len(payload),
-      payload_hash=codec_format.digest(np.asarray(payload, '<u4').tobytes()),
-      images_hash=codec_format.images_hash(images), group_sizes=tuple(groups),
-      environment=codec_format.environment())
-  data = codec_format.pack(header, payload)
-  report = codec_format.Report(
+      payload_hash=file_format.digest(np.asarray(payload, '<u4').tobytes()),
+      images_hash=file_format.images_hash(images), group_sizes=tuple(groups),
+      environment=file_format.environment())
+  data = file_format.pack(header, payload)
+  report = file_format.Report(
       num_images=n, dims_per_image=dims, timesteps=timesteps,
       net_bits=coder.bits() - seed_bits,
       initial_bits=32 * (seed_size - untouched), payload_bits=32 * len(payload),
@@ -315,11 +315,11 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
 
 
 def _tables_digest(tabs) -> bytes:
-  return codec_format.digest(*(t.digest() for t in tabs))
+  return file_format.digest(*(t.digest() for t in tabs))
 
 
-def read_header(data: bytes) -> codec_format.Header:
-  return codec_format.unpack(data)[0]
+def read_header(data: bytes) -> file_format.Header:
+  return file_format.unpack(data)[0]
 
 
 def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
@@ -331,39 +331,39 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
 
   The coding settings come from the file; those given here must agree with it.
   `timings`, if a dict, receives seconds_network, seconds_coding and seconds_total.
-  Raises codec_format.CorruptFileError, MismatchError or DecodeCheckError.
+  Raises file_format.CorruptFileError, MismatchError or DecodeCheckError.
   """
   start = time.perf_counter()
-  header, payload = codec_format.unpack(data)
+  header, payload = file_format.unpack(data)
   settings = dict(timesteps=timesteps, resolution=resolution,
                   first_resolution=first_resolution, first_images=first_images,
                   support=support)
-  gamma = codec_table.gamma_grid(model, params, header.timesteps)
-  tabs = (codec_table.coding_table(gamma, header.first_resolution, header.support),
-          codec_table.coding_table(gamma, header.resolution, header.support))
-  codec_format.check_model(header, codec_format.config_hash(model.config),
-                           codec_format.params_hash(params), settings, _tables_digest(tabs),
+  gamma = tables.gamma_grid(model, params, header.timesteps)
+  tabs = (tables.coding_table(gamma, header.first_resolution, header.support),
+          tables.coding_table(gamma, header.resolution, header.support))
+  file_format.check_model(header, file_format.config_hash(model.config),
+                           file_format.params_hash(params), settings, _tables_digest(tabs),
                            allow_other_environment)
   vocab, shape = header.vocab_size, header.image_shape
   dims = math.prod(shape)
   net = Network(model, params, shape, vocab, gamma[0])
-  seed = codec_format.seed_words(header.seed_words)
+  seed = file_format.seed_words(header.seed_words)
   coder = _Coder(np.concatenate([seed[:header.untouched_words], payload]))
   images = np.zeros((header.num_images, dims), np.int64)
   ends = np.cumsum(header.group_sizes)
   if not len(ends) or ends[-1] != header.num_images:
-    raise codec_format.CorruptFileError('The group sizes do not add up to N.')
+    raise file_format.CorruptFileError('The group sizes do not add up to N.')
   for g, end in zip(header.group_sizes[::-1], ends[::-1]):
     images[end - g:end] = decode_group(coder, net, tabs[int(end - g >= header.first_images)],
                                        (g, dims), vocab,
                                        bucket(g, header.batch_size))
   images = images.reshape((header.num_images,) + tuple(shape))
   if (not np.array_equal(coder.ans.get_compressed(), seed)
-      or codec_format.images_hash(images) != header.images_hash):
-    raise codec_format.DecodeCheckError(
+      or file_format.images_hash(images) != header.images_hash):
+    raise file_format.DecodeCheckError(
         'Decoding did not reproduce the encoder\'s stream and images: the network '
         'outputs here differ from the encoder\'s (other device or software: '
-        f'file "{header.environment}", here "{codec_format.environment()}").')
+        f'file "{header.environment}", here "{file_format.environment()}").')
   if timings is not None:
     timings.update(seconds_network=net.seconds, seconds_coding=coder.seconds,
                    seconds_total=time.perf_counter() - start)

@@ -1,7 +1,7 @@
 """The training state: step, parameters, optimiser state and EMA parameters.
 
 The data position is the step: batch k is a function of (seed, k) alone
-(vdm_jax/input_pipeline.py), so restoring the step restores the data order.
+(vdm_jax/data/input_pipeline.py), so restoring the step restores the data order.
 """
 
 from typing import Any

@@ -40,17 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import input_pipeline
-from vdm_jax import parallel
-from vdm_jax import schedules
-from vdm_jax import vdm
+from vdm_jax.data import input_pipeline
+from vdm_jax.model import schedules
+from vdm_jax.model import vdm
+from vdm_jax.runtime import parallel
 
 SOLVERS = ('dopri5', 'tsit5', 'heun', 'euler')
 TRACES = ('exact', 'hutchinson')
 PROBES = ('rademacher', 'gaussian')
 DEQUANTISATIONS = ('uniform', 'truncated_normal')
 RESULTS_FILE = 'eval_ode_results.json'
-_SCALARS = ('bpd', 'bpd_stderr', 'bpd_mc_stderr', 'bpd_iw', 'nfe', 'seconds_per_image')
+SCALARS = ('bpd', 'bpd_stderr', 'bpd_mc_stderr', 'bpd_iw', 'nfe', 'seconds_per_image')
 # Vector field evaluations per step: (stages, whether the last is reused as the next first).
 _STAGES = {'dopri5': (7, True), 'tsit5': (7, True), 'heun': (2, False), 'euler': (1, False)}
 
@@ -359,22 +359,4 @@ def evaluate(model: vdm.VDM, params: Any, config, mesh, split: Optional[str] = N
       compile_seconds=compile_s, solver=opts.solver, rtol=opts.rtol, atol=opts.atol,
       num_steps=opts.num_steps, t_eps=opts.t_eps, trace=opts.trace, probe=opts.probe,
       dequantisation=opts.dequantisation)
-  return results
-
-
-def evaluate_workdir(config, workdir) -> dict:
-  """--mode=eval with eval.estimator='ode': the newest checkpoint; JSON and TensorBoard."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from vdm_jax import build  # pylint: disable=g-import-not-at-top
-  from vdm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  wd = workdir_lib.Workdir(workdir)
-  run, state = build.restore(config, wd)
-  step = int(jax.device_get(state.step))
-  results = evaluate(run.model, run.eval_params(state), config, run.mesh)
-  results.update(params='ema' if config.eval.use_ema else 'raw', step=step)
-  wd.write_results(results, step, name=RESULTS_FILE)
-  writer = metric_writers.create_default_writer(str(wd.path),
-                                                just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, {f'eval_ode/{k}': results[k] for k in _SCALARS if k in results})
-  writer.flush()
   return results

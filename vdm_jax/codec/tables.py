@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import codec_format
+from vdm_jax.codec import file_format
 
 MAX_BINS = 1 << 20  # constriction quantises probabilities to 2^-24: keep supports far below.
 
@@ -37,7 +37,7 @@ class CodingTable:
   p_half: np.ndarray  # [T+1] half-width of the push's support, in bins
 
   def digest(self) -> bytes:
-    return codec_format.digest(*(np.ascontiguousarray(getattr(self, f.name)).tobytes()
+    return file_format.digest(*(np.ascontiguousarray(getattr(self, f.name)).tobytes()
                                  if isinstance(getattr(self, f.name), np.ndarray)
                                  else str(getattr(self, f.name)).encode()
                                  for f in dataclasses.fields(self)))
@@ -57,7 +57,7 @@ def coding_table(gamma: np.ndarray, resolution: int, support: int) -> CodingTabl
   sigma = np.sqrt(1.0 / (1.0 + np.exp(-g)))
   c = np.concatenate([[np.nan], -np.expm1(g[:-1] - g[1:])])
   if not np.all(c[1:] > 0):
-    raise codec_format.CodecError('γ(i/T) must increase strictly with i; the schedule '
+    raise file_format.CodecError('γ(i/T) must increase strictly with i; the schedule '
                                   'is flat somewhere at this T.')
   q_std_abs = np.concatenate([[sigma[0]], np.sqrt(c[1:]) * sigma[1:]])
   p_std_abs = np.concatenate([np.sqrt(c[1:]) * sigma[:-1], [1.0]])
@@ -73,9 +73,9 @@ def coding_table(gamma: np.ndarray, resolution: int, support: int) -> CodingTabl
   p_half = np.concatenate([np.ceil((q_half[1:] + 0.5) * p_centre[:-1] + 0.5) + 1,
                            [np.ceil((alpha[T] + 2 * support * sigma[T]) / delta[T]) + 1]])
   if max(q_half.max(), p_half.max()) * 2 + 1 > MAX_BINS:
-    raise codec_format.CodecError(
+    raise file_format.CodecError(
         f'A support of {int(max(q_half.max(), p_half.max())) * 2 + 1} bins exceeds '
-        f'{MAX_BINS}: lower codec.resolution or codec.support.')
+        f'{MAX_BINS}: lower coder.resolution or coder.support.')
   return CodingTable(T, int(resolution), int(support), g, delta, q_std, q_coef,
                      q_half.astype(np.int64), p_std_abs / delta, p_centre, p_eps,
                      p_half.astype(np.int64))

@@ -1,6 +1,6 @@
 """Training: train_step, the compiled multi-step call and train_and_evaluate.
 
-Data parallel over a Mesh of every device of every host (vdm_jax/parallel.py): the
+Data parallel over a Mesh of every device of every host (vdm_jax/runtime/parallel.py): the
 global batch is sharded on 'data', the state replicated and donated, and
 `config.training.steps_per_call` optimiser steps run per dispatch. The rng of step k is
 fold_in(key, k) and its batch a function of (seed, k), so a run resumed from a
@@ -23,31 +23,19 @@ import numpy as np
 import optax
 
 from vdm_jax import build as build_lib
-from vdm_jax import checkpoints
-from vdm_jax import compiler
+from vdm_jax.data import input_pipeline
 from vdm_jax import errors
-from vdm_jax import evaluate
-from vdm_jax import input_pipeline
-from vdm_jax import optim
-from vdm_jax import parallel
-from vdm_jax import sampling
-from vdm_jax import train_state
+from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import sampling
+from vdm_jax.model import vdm
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import compiler
+from vdm_jax.runtime import parallel
+from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.runtime import workdir_lock
+from vdm_jax.training import optim
+from vdm_jax.training import train_state
 from vdm_jax import validation
-from vdm_jax import vdm
-from vdm_jax import workdir as workdir_lib
-from vdm_jax import workdir_lock
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request; run the same command again.
-
-
-class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after writing a checkpoint."""
-
-  def __init__(self, step: int, workdir):
-    super().__init__(f'Stopped by signal at step {step}; checkpoint written to '
-                     f'{workdir.checkpoint_dir}. Run the same command again to continue.')
-    self.step = step
-
 
 def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: jax.Array,
                state: train_state.TrainState, batch: dict):
@@ -217,7 +205,7 @@ def _start(run, wd, manager, allow_config_change: bool):
 def train_and_evaluate(config, workdir, *, mesh=None,
                        allow_config_change: bool = False) -> train_state.TrainState:
   """Trains (resuming from the workdir's newest checkpoint), evaluating and sampling
-  periodically; returns the final state. Raises Preempted after a signal."""
+  periodically; returns the final state. Raises errors.Preempted after a signal."""
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
   wd.create()
@@ -291,7 +279,7 @@ def _train_loop(run, wd, state, manager, writer, signals):
     if preempt:
       manager.wait_until_finished()
       writer.flush()
-      raise Preempted(step, wd)
+      raise errors.Preempted(step, wd)
     if _is_multiple(step, tc.eval_every) and step < tc.num_steps:
       evaluate.evaluate_and_write(run, state, wd, writer)
     if _is_multiple(step, tc.sample_every) and step < tc.num_steps:

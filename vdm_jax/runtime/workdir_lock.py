@@ -26,7 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.runtime import workdir as workdir_lib
 
 LOCK_FILE = 'lock.json'
 HEARTBEAT_SECONDS = 30.0

@@ -1,4 +1,4 @@
-"""Around the bits-back codec (vdm_jax/codec.py): the bound it approaches, image files,
+"""Around the bits-back codec (vdm_jax/codec/coder.py): the bound it approaches, image files,
 and the `--mode=compress` / `--mode=decompress` commands.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=W --mode=compress \
@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vdm_jax import codec
-from vdm_jax import codec_table
-from vdm_jax import codec_format
-from vdm_jax import vdm
+from vdm_jax.codec import coder
+from vdm_jax.codec import file_format
+from vdm_jax.codec import tables
+from vdm_jax.model import vdm
 
 
 def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 64,
@@ -30,9 +30,9 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
   L_recon averaged over `recon_draws` draws of ε_0. γ(i/T) as in `compress`.
   """
   vocab = int(model.config.vocab_size)
-  images = codec._check_images(images, vocab)
+  images = coder._check_images(images, vocab)
   n = len(images)
-  gam = jnp.asarray(codec_table.gamma_grid(model, params, timesteps), jnp.float32)
+  gam = jnp.asarray(tables.gamma_grid(model, params, timesteps), jnp.float32)
   batch = min(batch_size, n)
   nats = np.zeros(n)
 
@@ -72,19 +72,19 @@ def load_images(path: str, split: str = 'test') -> np.ndarray:
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path) if n.lower().endswith('.png'))
     if not names:
-      raise codec_format.CodecError(f'{path} holds no .png files.')
+      raise file_format.CodecError(f'{path} holds no .png files.')
     arrays = [np.asarray(Image.open(os.path.join(path, n))) for n in names]
     arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
     if len({a.shape for a in arrays}) > 1:
-      raise codec_format.CodecError(f'The PNG files in {path} differ in shape.')
+      raise file_format.CodecError(f'The PNG files in {path} differ in shape.')
     return np.stack(arrays).astype(np.uint8)
   if not path.endswith('.npz') or not os.path.isfile(path):
-    raise codec_format.CodecError(
+    raise file_format.CodecError(
         f'--input={path} is neither a .npz file nor a folder of PNG files.')
   with np.load(path, allow_pickle=False) as npz:
     key = 'images' if 'images' in npz.files else split
     if key not in npz.files:
-      raise codec_format.CodecError(
+      raise file_format.CodecError(
           f'{path} has arrays {npz.files}; expected `images` or `{split}` '
           '(uint8 [N, H, W, C]).')
     images = npz[key]
@@ -123,7 +123,7 @@ def compress_command(config, workdir: str, input_path: str, output_path: str) ->
   """--mode=compress: IMAGES (.npz or PNG folder) to one file; returns a summary."""
   images = load_images(input_path, config.eval.split)
   model, params = restore(config, workdir)
-  data, report = codec.compress(model, params, images, batch_size=config.codec.batch_size,
+  data, report = coder.compress(model, params, images, batch_size=config.codec.batch_size,
                                 first_group=config.codec.first_group,
                                 **codec_kwargs(config))
   with open(output_path, 'wb') as f:
@@ -136,5 +136,5 @@ def decompress_command(config, workdir: str, input_path: str, output_path: str) 
   with open(input_path, 'rb') as f:
     data = f.read()
   model, params = restore(config, workdir)
-  images = codec.decompress(model, params, data, **codec_kwargs(config))
+  images = coder.decompress(model, params, data, **codec_kwargs(config))
   return f'{len(images)} images decoded to {save_images(images, output_path)}'

@@ -1,10 +1,10 @@
 """The workdir: one fixed folder per run, and the only code that reads or writes it.
 
   WORKDIR/config.json            the resolved config of the run (process 0 writes it)
-  WORKDIR/checkpoints/<step>/    orbax checkpoints (vdm_jax/checkpoints.py)
+  WORKDIR/checkpoints/<step>/    orbax checkpoints (vdm_jax/runtime/checkpoints.py)
   WORKDIR/eval_results*.json     evaluations (latest, and one per step)
   WORKDIR/samples_<step>.png     sample grids
-  WORKDIR/lock.json              the owner of a training run (vdm_jax/workdir_lock.py)
+  WORKDIR/lock.json              the owner of a training run (vdm_jax/runtime/workdir_lock.py)
   WORKDIR/events.out.tfevents.*  TensorBoard (clu's writer)
 
 Every path goes through etils.epath, so a workdir may be a local folder or a bucket
@@ -20,12 +20,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vdm_jax import errors
+
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 RESULTS_FILE = 'eval_results.json'
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.InputError, ValueError):
   """The workdir cannot be used as it is; the message says what to do."""
 
 

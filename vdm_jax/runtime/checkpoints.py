@@ -15,9 +15,11 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from vdm_jax import errors
 
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.InputError, ValueError):
   """No checkpoint of the workdir can be used; the message says what to do."""
 
 
@@ -27,7 +29,7 @@ class CheckpointMismatchError(CheckpointError):
 
 def make_manager(workdir, keep: int = 3, asynchronous: bool = True,
                  create: bool = False) -> ocp.CheckpointManager:
-  """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.workdir.Workdir)."""
+  """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.runtime.workdir.Workdir)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous)
   return ocp.CheckpointManager(workdir.checkpoint_dir.absolute(), options=options,
@@ -136,7 +138,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
       except OSError as e:
         logging.error('Could not move the damaged checkpoint %s aside: %s', path, e)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('vdm_jax.checkpoints.set_aside')
+    multihost_utils.sync_global_devices('vdm_jax.runtime.checkpoints.set_aside')
   manager.reload()
 
 

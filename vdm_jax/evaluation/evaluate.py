@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
-from vdm_jax import compiler
+from vdm_jax.data import input_pipeline
 from vdm_jax import errors
-from vdm_jax import input_pipeline
-from vdm_jax import parallel
-from vdm_jax import vdm
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.evaluation import ode
+from vdm_jax.model import vdm
+from vdm_jax.runtime import compiler
+from vdm_jax.runtime import parallel
+from vdm_jax.runtime import workdir as workdir_lib
 
 TERMS = ('bpd', 'bpd_recon', 'bpd_prior', 'bpd_diff')
 
@@ -109,13 +110,28 @@ def evaluate_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir,
   return results
 
 
+def _ode_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir, writer) -> dict:
+  """The probability-flow ODE's likelihood of `state` (docs/maths.md §10), written to the
+  workdir's ODE results JSON."""
+  step = int(jax.device_get(state.step))
+  results = ode.evaluate(run.model, run.eval_params(state), run.config, run.mesh)
+  results.update(params='ema' if run.config.eval.use_ema else 'raw', step=step)
+  wd.write_results(results, step, name=ode.RESULTS_FILE)
+  writer.write_scalars(step, {f'eval_ode/{k}': results[k] for k in ode.SCALARS
+                              if k in results})
+  return results
+
+
 def evaluate_workdir(config, workdir, mesh=None) -> dict:
-  """--mode=eval: the bound of the workdir's newest checkpoint, written beside it."""
+  """--mode=eval: the workdir's newest checkpoint evaluated by config.eval.estimator (the
+  bound, or the ODE's likelihood), the results written beside it."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
   writer = metric_writers.create_default_writer(str(wd.path),
                                                 just_logging=jax.process_index() > 0)
   try:
+    if config.eval.estimator == 'ode':
+      return _ode_and_write(run, state, wd, writer)
     return evaluate_and_write(run, state, wd, writer)
   finally:
     writer.flush()

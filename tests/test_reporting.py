@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.errors: faults of input or environment become messages and exit 2."""
+"""Tests of vdm_jax.reporting: faults of input or environment become messages and exit 2."""
 
 import asyncio
 import errno
@@ -7,23 +7,23 @@ import types
 
 import pytest
 
-from vdm_jax import checkpoints
 from vdm_jax import errors
-from vdm_jax import train
+from vdm_jax import reporting
+from vdm_jax.runtime import checkpoints
+from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax import validation
-from vdm_jax import workdir as workdir_lib
 
 
 @pytest.fixture(autouse=True)
 def _no_hard_exit(monkeypatch):
   def fake(code):
     raise SystemExit(code)
-  monkeypatch.setattr(errors, '_exit_now', fake)
+  monkeypatch.setattr(reporting, '_exit_now', fake)
 
 
 def _exit(exc, workdir=None, verbose=False):
   with pytest.raises(SystemExit) as e:
-    with errors.reported(verbose=verbose, workdir=workdir):
+    with reporting.reported(verbose=verbose, workdir=workdir):
       raise exc
   return e.value.code
 
@@ -47,7 +47,7 @@ def test_verbose_or_the_environment_adds_the_traceback(capsys, monkeypatch):
 
 
 def test_preemption_exits_75(capsys, tmp_path):
-  assert _exit(train.Preempted(3, workdir_lib.Workdir(tmp_path))) == 75
+  assert _exit(errors.Preempted(3, workdir_lib.Workdir(tmp_path))) == 75
   assert 'Run the same command again' in capsys.readouterr().err
 
 
@@ -71,7 +71,7 @@ def test_permission_denied_says_nothing_was_changed(capsys):
 
 def test_a_bug_still_raises():
   with pytest.raises(ZeroDivisionError):
-    with errors.reported():
+    with reporting.reported():
       raise ZeroDivisionError
 
 
@@ -83,7 +83,7 @@ def _unraisable(exc):
 def test_late_callbacks_into_a_closed_loop_are_dropped_and_nothing_else(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  errors.quiet_late_callbacks()
+  reporting.quiet_late_callbacks()
   loop = asyncio.new_event_loop()
   loop.close()
   try:

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdm_jax import networks
-from vdm_jax import schedules
+from vdm_jax.model import networks
+from vdm_jax.model import schedules
 
 WEIGHTINGS = ('elbo', 'sigmoid', 'elbo_plus_sigmoid')
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import remat
+from vdm_jax.model import remat
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The file format of the bits-back codec (vdm_jax/codec.py): header, checks, errors.
+"""The file format of the bits-back codec (vdm_jax/codec/coder.py): header, checks, errors.
 
 A file is
 
@@ -25,6 +25,8 @@ import jax
 import jaxlib
 import numpy as np
 
+from vdm_jax import errors
+
 MAGIC = b'VDMC'
 VERSION = 1
 DIGEST_BYTES = 16  # Truncated SHA-256: 128 bits, for identity checks only.
@@ -36,7 +38,7 @@ DIGEST_BYTES = 16  # Truncated SHA-256: 128 bits, for identity checks only.
 _FIXED = struct.Struct('<4sB16s16s16s' 'IHHIH' 'IHHHI' 'HIII' '16s16sI')
 
 
-class CodecError(Exception):
+class CodecError(errors.InputError):
   """Base class: a file that cannot be written or read as asked."""
 
 
@@ -57,7 +59,7 @@ class Header:
   """Everything a decoder needs besides the model and the payload."""
   config_hash: bytes  # digest of the model-defining config (config.model)
   params_hash: bytes  # digest of the parameters' names, shapes, dtypes and bytes
-  table_hash: bytes  # digest of the coding table (codec_table.CodingTable.digest)
+  table_hash: bytes  # digest of the coding table (tables.CodingTable.digest)
   timesteps: int  # T of the discrete-time model
   resolution: int  # grid bins per standard deviation
   first_resolution: int  # the same for the first groups, whose pops take the initial bits

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
-from vdm_jax import compiler
-from vdm_jax import parallel
-from vdm_jax import vdm
-from vdm_jax import workdir as workdir_lib
+from vdm_jax.model import vdm
+from vdm_jax.runtime import compiler
+from vdm_jax.runtime import parallel
+from vdm_jax.runtime import workdir as workdir_lib
 
 
 def make_sampler(model: vdm.VDM, shape, timesteps: int, decode: str = 'argmax',

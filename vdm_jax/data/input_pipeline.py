@@ -5,7 +5,7 @@ over an infinite repetition of the training set (a fresh permutation every epoch
 from the seed and the epoch); global batch k is stream positions [k*B, (k+1)*B), so
 batches may straddle epochs. Process p of P takes rows [p*B/P, (p+1)*B/P) of each global
 batch and reads only those images. Batches therefore do not depend on the number of
-processes, and resuming at step k costs O(1). Datasets themselves: vdm_jax/datasets.py.
+processes, and resuming at step k costs O(1). Datasets themselves: vdm_jax/data/datasets.py.
 """
 
 from typing import Any, Iterator, Optional
@@ -14,7 +14,7 @@ import grain
 import jax
 import numpy as np
 
-from vdm_jax import datasets
+from vdm_jax.data import datasets
 
 
 def _process_rows(global_batch_size: int, process_index: Optional[int],

@@ -1,0 +1,1 @@
+"""Data: the data sets and the deterministic, sharded input pipeline."""

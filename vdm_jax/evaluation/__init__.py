@@ -1,0 +1,1 @@
+"""Evaluators of a trained model: the bound, the probability-flow ODE, samples."""

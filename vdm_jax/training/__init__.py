@@ -1,0 +1,1 @@
+"""Training: the train state, the optimiser and the training loop."""
