@@ -14,6 +14,7 @@ from vdm_jax import errors
 from vdm_jax.evaluation import ode
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.training import optim
 
@@ -24,8 +25,8 @@ DECODES = ('argmax', 'draw')
 # attention_impl, dtype, the training objective's weighting, the §4 gradient, dropout)
 # may change between runs, and evaluation ignores it.
 _NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid_bias',
-                       'sigmoid_scale', 'schedule_variance_reduction',
-                       'antithetic_time_sampling', 'p_drop')
+                       'sigmoid_scale', 'schedule_variance_reduction', 'time_sampling',
+                       'adaptive_bins', 'adaptive_decay', 'adaptive_uniform', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
 
@@ -65,6 +66,8 @@ def check_fields(config) -> list[str]:
   _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES)
   _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
   _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
+  _choice(errors, 'model.prediction', m.prediction, vdm.PREDICTIONS)
+  _choice(errors, 'model.time_sampling', m.time_sampling, time_sampling.TIME_SAMPLINGS)
   _choice(errors, 'model.dtype', m.dtype, DTYPES)
   _choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
   _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
@@ -109,6 +112,7 @@ def check_fields(config) -> list[str]:
                   "model.schedule = 'learned_nnet' and model.schedule_endpoints = 'pinned' "
                   f'(got {m.schedule!r}, {m.schedule_endpoints!r}): only a pinned shape '
                   'can follow the variance (docs/maths.md §4).')
+  errors += _check_time_sampling(m)
   for name, value in (('training.batch_size', t.batch_size),
                       ('training.num_steps', t.num_steps),
                       ('training.steps_per_call', t.steps_per_call),
@@ -157,6 +161,34 @@ def check_fields(config) -> list[str]:
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
+  return errors
+
+
+def _check_time_sampling(m) -> list[str]:
+  """The proposal's fields, and the combinations a γ-drawn estimator contradicts (§11.7)."""
+  errors = []
+  if not (isinstance(m.adaptive_bins, int) and m.adaptive_bins >= 1):
+    errors.append(f'config.model.adaptive_bins = {m.adaptive_bins!r}: must be an integer ≥ 1.')
+  if not 0.0 <= m.adaptive_decay < 1.0:
+    errors.append(f'config.model.adaptive_decay = {m.adaptive_decay}: must be in [0, 1).')
+  if not 0.0 < m.adaptive_uniform <= 1.0:
+    errors.append(f'config.model.adaptive_uniform = {m.adaptive_uniform}: must be in (0, 1] '
+                  '(the uniform share keeps the proposal density above zero).')
+  if m.time_sampling not in time_sampling.IN_GAMMA:
+    return errors
+  if m.schedule_variance_reduction:
+    errors.append(f'config.model.time_sampling = {m.time_sampling!r} draws the noise level '
+                  'γ itself, so the schedule\'s shape no longer changes the estimator\'s '
+                  'variance that model.schedule_variance_reduction = True trains it for '
+                  '(docs/maths.md §11.7); use time_sampling = \'antithetic\' with it, or '
+                  'turn it off.')
+  elif m.schedule == 'learned_nnet' and m.timesteps == 0:
+    errors.append(f'config.model.time_sampling = {m.time_sampling!r} in continuous time '
+                  '(model.timesteps = 0) draws γ itself: the learned_nnet schedule\'s '
+                  'shape between its ends would get no gradient and never train '
+                  '(docs/maths.md §11.7). Use model.schedule = \'learned_linear\' (its ends '
+                  'are all that matter there), a discrete-time model, or time_sampling = '
+                  '\'antithetic\'.')
   return errors
 
 
@@ -237,12 +269,16 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
 
 
 def config_difference(saved: dict, config, fields=MODEL_DEFINING) -> list[str]:
-  """The model-defining fields whose value differs from the saved config.json."""
+  """The model-defining fields whose value differs from the saved config.json.
+
+  A field the saved config lacks (it predates the field) counts as its default.
+  """
   flat_saved, flat_now = flatten(saved), flatten(config)
+  defaults = flatten(config_base.get_config())
   as_tuple = lambda v: tuple(v) if isinstance(v, list) else v
   diffs = []
   for key in fields:
-    old = as_tuple(flat_saved.get(key, '<absent>'))
+    old = as_tuple(flat_saved.get(key, defaults.get(key, '<absent>')))
     new = as_tuple(flat_now.get(key, '<absent>'))
     if old != new:
       diffs.append(f'{key}: saved {old!r}, now {new!r}')

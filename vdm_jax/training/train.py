@@ -27,6 +27,7 @@ from vdm_jax.data import input_pipeline
 from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
 from vdm_jax.evaluation import sampling
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import compiler
@@ -48,10 +49,15 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
   k_sample, k_dropout = jax.random.split(step_key)
   images, cond = batch['images'], batch['conditioning']
   num_dims = math.prod(images.shape[1:])
+  mc = config.model
+  adaptive = mc.time_sampling == 'adaptive'
+  # The adaptive proposal of this step comes from the averages before it (§11.5).
+  bin_probs = (time_sampling.adaptive_probs(state.time_sampler, mc.adaptive_decay,
+                                            mc.adaptive_uniform) if adaptive else None)
 
   def loss_fn(params):
     out = model.apply({'params': params}, images, cond, deterministic=False,
-                      rngs={'sample': k_sample, 'dropout': k_dropout})
+                      bin_probs=bin_probs, rngs={'sample': k_sample, 'dropout': k_dropout})
     return jnp.mean(out.objective), out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -61,11 +67,18 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
   params = optax.apply_updates(state.params, updates)
   ema_params = optim.ema_update(state.ema_params, params,
                                 optim.ema_rate(config.optimizer, state.step))
+  sampler = state.time_sampler
+  if adaptive:
+    bins = time_sampling.Proposal(out.gamma_0, out.gamma_1).bin_index(
+        out.gamma_t, mc.adaptive_bins)
+    sampler = time_sampling.update_adaptive(
+        sampler, bins, jax.lax.stop_gradient(out.diff_integrand), mc.adaptive_decay)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = train_state.TrainState(
       step=state.step + 1, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema_params, state.ema_params))
+      ema_params=keep(ema_params, state.ema_params),
+      time_sampler=keep(sampler, state.time_sampler))
 
   to_bpd = lambda nats: vdm.bits_per_dim(nats, num_dims)
   lr = optim.learning_rate_schedule(config.optimizer, config.training.num_steps)(state.step)
