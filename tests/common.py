@@ -129,3 +129,38 @@ def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(x, y)
+
+
+def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
+  """Runs each command, in order, as `python ARGS` would, from one interpreter.
+
+  A command is the argument list after `python`: ('-m', 'vdm_jax.main', '--config=…', …)
+  or ('experiments/codec_eval.py', …). Each runs in a child forked from an interpreter
+  that imported the package's dependencies once (tests/forked_commands.py), with its own
+  argv, exit status, stdout and stderr, and its own JAX backend: a CLI call without the
+  ~6 CPU-s of imports of a fresh interpreter. For commands that only need to run one
+  after another; those that run concurrently or receive signals need real processes.
+  Returns one CompletedProcess per command.
+  """
+  import json, os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu',
+                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  **(env or {}))
+  with tempfile.TemporaryDirectory() as out:
+    spec = os.path.join(out, 'spec.json')
+    with open(spec, 'w') as f:
+      json.dump(dict(commands=[[str(a) for a in c] for c in commands], out=out,
+                     timeout=timeout), f)
+    driver = subprocess.run([sys.executable, str(REPO / 'tests' / 'forked_commands.py'), spec],
+                            cwd=REPO, env=full_env, capture_output=True, text=True,
+                            timeout=timeout * len(commands) + 120)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    with open(os.path.join(out, 'codes.json')) as f:
+      codes = json.load(f)
+    results = []
+    for i, (command, code) in enumerate(zip(commands, codes)):
+      with open(os.path.join(out, f'{i}.out'), errors='replace') as o, \
+           open(os.path.join(out, f'{i}.err'), errors='replace') as e:
+        results.append(subprocess.CompletedProcess([sys.executable, *command], code,
+                                                   o.read(), e.read()))
+    return results
