@@ -4,6 +4,8 @@ Every message names the field, the value given and what is accepted; all problem
 reported at once. Inside the package the locked, validated config is trusted.
 """
 
+import math
+import re
 
 from flax import traverse_util
 import jax
@@ -52,7 +54,17 @@ def _choice(errors, name, value, accepted):
 
 
 def check_fields(config) -> list[str]:
-  """Unknown keys and bad values, without touching data or devices."""
+  """Unknown keys and bad values, without touching data or devices: every float field
+  finite first (a NaN passes every comparison), then each field's range."""
+  nonfinite = {key: f'config.{key} = {value}: must be a finite number.'
+               for key, value in flatten(config).items()
+               if isinstance(value, float) and not math.isfinite(value)}
+  names = lambda message: set(re.findall(r'config\.([\w.]*\w)', message))
+  return list(nonfinite.values()) + [e for e in _check_values(config)
+                                     if not names(e) & set(nonfinite)]
+
+
+def _check_values(config) -> list[str]:
   errors = []
   known = flatten(config_base.get_config())
   given = flatten(config)
@@ -157,7 +169,7 @@ def check_fields(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
-  errors += _check_ode_fields(config)
+  errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
@@ -214,6 +226,20 @@ def _check_ode_fields(config) -> list[str]:
   if o.num_steps is None and o.solver == 'euler':
     errors.append("config.ode.solver = 'euler' has no error estimate: set ode.num_steps "
                   "or choose dopri5, tsit5 or heun.")
+  return errors
+
+
+def _check_codec_fields(c) -> list[str]:
+  """config.codec (vdm_jax/codec/coder.py). A file's header holds T and first_images in
+  32 bits, the others in 16 (vdm_jax/codec/file_format.py)."""
+  errors = []
+  for name, low, high in (('timesteps', 1, 2**32 - 1), ('batch_size', 1, 2**16 - 1),
+                          ('first_group', 1, None), ('resolution', 1, 2**16 - 1),
+                          ('first_resolution', 1, 2**16 - 1),
+                          ('first_images', 0, 2**32 - 1), ('support', 1, 2**16 - 1)):
+    if c[name] < low or (high is not None and c[name] > high):
+      errors.append(f'config.codec.{name} = {c[name]}: must be '
+                    + (f'≥ {low}.' if high is None else f'in {low}..{high}.'))
   return errors
 
 
