@@ -76,34 +76,28 @@ class FeatureNetwork:
   def is_classifier(self) -> bool:
     return self.info['kind'] == 'classifier'
 
-  def _apply(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    apply = _jitted_apply(self.module, self.vocab_size)
+  @functools.cached_property
+  def _jitted_apply(self):
+    return jax.jit(lambda params, x: self.module.apply({'params': params},
+                                                       _to_inputs(x, self.vocab_size)),
+                   compiler_options=compiler.compiler_options())
+
+  def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, FEATURE_DIM], head outputs [N, outputs]), APPLY_BATCH at a time."""
     feats, heads = [], []
     for start in range(0, len(images), APPLY_BATCH):
-      f, h = apply(self.params, np.asarray(images[start:start + APPLY_BATCH]))
+      f, h = self._jitted_apply(self.params, np.asarray(images[start:start + APPLY_BATCH]))
       feats.append(np.asarray(f))
       heads.append(np.asarray(h))
     return np.concatenate(feats), np.concatenate(heads)
 
   def features(self, images: np.ndarray) -> np.ndarray:
-    return self._apply(images)[0]
+    return self.outputs(images)[0]
 
   def probabilities(self, images: np.ndarray) -> Optional[np.ndarray]:
     if not self.is_classifier:
       return None
-    return np.asarray(jax.nn.softmax(self._apply(images)[1], axis=-1))
-
-
-_APPLY_CACHE = {}
-
-
-def _jitted_apply(module: FeatureNet, vocab_size: int):
-  key = (module, vocab_size)
-  if key not in _APPLY_CACHE:
-    _APPLY_CACHE[key] = jax.jit(
-        lambda params, x: module.apply({'params': params}, _to_inputs(x, vocab_size)),
-        compiler_options=compiler.compiler_options())
-  return _APPLY_CACHE[key]
+    return np.asarray(jax.nn.softmax(self.outputs(images)[1], axis=-1))
 
 
 def _loss(module, kind, vocab_size, params, images, labels):
@@ -145,8 +139,7 @@ def train(images: np.ndarray, labels: Optional[np.ndarray], vocab_size: int, ste
 
 def _score(network: FeatureNetwork, images, labels) -> dict:
   """Test accuracy (classifier) or mean squared error in [−1, 1] units (autoencoder)."""
-  feats, out = network._apply(images)  # pylint: disable=protected-access
-  del feats
+  out = network.outputs(images)[1]
   if labels is not None:
     return {'test_accuracy': float((out.argmax(axis=1) == labels).mean())}
   x = np.asarray(_to_inputs(images, network.vocab_size)).reshape(len(images), -1)
@@ -230,11 +223,11 @@ def load_or_train(config) -> FeatureNetwork:
   data = {split: datasets.load_split(config.data, split) for split in datasets.SPLITS}
   labels = {split: (datasets.load_labels(config.data, split) if kind == 'classifier'
                     else None) for split in datasets.SPLITS}
-  print_ = fingerprint(dict(kind=kind, steps=q.feature_steps, seed=q.feature_seed,
+  digest = fingerprint(dict(kind=kind, steps=q.feature_steps, seed=q.feature_seed,
                             vocab_size=vocab_size, train=data['train'],
                             test=data['test'], train_labels=labels['train'],
                             test_labels=labels['test']))
-  folder = root / f'{config.data.dataset}-{kind}-{print_[:16]}'
+  folder = root / f'{config.data.dataset}-{kind}-{digest[:16]}'
   outputs = (int(labels['train'].max()) + 1 if kind == 'classifier'
              else int(np.prod(data['train'].shape[1:])))
   module = FeatureNet(outputs)
@@ -250,7 +243,7 @@ def load_or_train(config) -> FeatureNetwork:
                kind, config.data.dataset, q.feature_steps, folder)
   module, params = train(data['train'], labels['train'], vocab_size, q.feature_steps,
                          q.feature_seed)
-  info = dict(kind=kind, dataset=config.data.dataset, fingerprint=print_,
+  info = dict(kind=kind, dataset=config.data.dataset, fingerprint=digest,
               steps=q.feature_steps, seed=q.feature_seed, recipe=RECIPE,
               feature_dim=FEATURE_DIM, train_seconds=round(time.time() - start, 1))
   network = FeatureNetwork(module, params, vocab_size, info)
