@@ -19,15 +19,8 @@ def _config(cache_dir, steps=300, **data):
   return cfg
 
 
-@pytest.fixture(scope='module')
-def digits_network(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('cache')
-  cfg = _config(cache)
-  return cfg, feature_net.load_or_train(cfg)
-
-
-def test_the_classifier_learns_the_digits(digits_network):
-  cfg, network = digits_network
+def test_the_classifier_learns_the_digits(digits_features):
+  cfg, network = digits_features
   assert network.info['kind'] == 'classifier' and network.info['steps'] == 300
   assert network.info["test_accuracy"] > 0.8  # chance: 0.1
   test = datasets.load_split(cfg.data, 'test')
@@ -38,8 +31,8 @@ def test_the_classifier_learns_the_digits(digits_network):
   assert (probs.argmax(1) == labels).mean() == network.info['test_accuracy']
 
 
-def test_the_cached_network_is_reused_bit_for_bit(digits_network, monkeypatch):
-  cfg, network = digits_network
+def test_the_cached_network_is_reused_bit_for_bit(digits_features, monkeypatch):
+  cfg, network = digits_features
   monkeypatch.setattr(feature_net, 'train', lambda *a: pytest.fail('trained again'))
   again = feature_net.load_or_train(cfg)
   assert serialization.to_bytes(again.params) == serialization.to_bytes(network.params)

@@ -13,13 +13,11 @@ from vdm_jax.evaluation import sample_quality
 from vdm_jax.training import train
 
 
-@pytest.fixture(scope='module')
-def judged(tmp_path_factory):
-  """configs/test.py (sklearn's digits) with a feature network of 300 steps."""
-  cfg = common.load_config('test')
-  cfg.quality.cache_dir = str(tmp_path_factory.mktemp('cache'))
-  cfg.quality.feature_steps = 300
-  return cfg, feature_net.load_or_train(cfg), datasets.load_split(cfg.data, 'test')
+@pytest.fixture
+def judged(digits_features):
+  """configs/test.py (sklearn's digits), its feature network (tests/conftest.py), the test split."""
+  cfg, network = digits_features
+  return cfg, network, datasets.load_split(cfg.data, 'test')
 
 
 def _without_times(results):
