@@ -218,7 +218,8 @@ def test_tfds_dataset_through_mock_data(tmp_path):
 @pytest.mark.slow
 def test_sample_mode_writes_a_png(reference_run):
   cfg, workdir, _ = reference_run
-  path = sampling.sample_workdir(cfg, str(workdir))
+  path, quality = sampling.sample_workdir(cfg, str(workdir))
+  assert quality is None  # configs/test.py scores no samples
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = np.asarray(Image.open(path))
   assert img.ndim == 2 and img.shape[0] >= 2 * 8  # a grid of 4 samples of 8x8

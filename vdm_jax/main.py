@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import sample_quality
 from vdm_jax.evaluation import sampling
 from vdm_jax import original
 from vdm_jax import reporting
@@ -107,9 +108,12 @@ def _eval(config):
 
 
 def _sample(config):
-  path = sampling.sample_workdir(config, FLAGS.workdir)
+  path, quality = sampling.sample_workdir(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(f'samples written to {path}')
+    if quality is not None:
+      print(sample_quality.summary(quality))
+      print(f'written to {FLAGS.workdir}/{sample_quality.RESULTS_FILE}')
 
 
 def _import_original(config):

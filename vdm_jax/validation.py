@@ -13,6 +13,7 @@ import jax
 from vdm_jax import config_base
 from vdm_jax.data import datasets
 from vdm_jax import errors
+from vdm_jax.evaluation import feature_net
 from vdm_jax.evaluation import ode
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
@@ -170,6 +171,7 @@ def _check_values(config) -> list[str]:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
   errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
+  errors += _check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
@@ -243,6 +245,30 @@ def _check_codec_fields(c) -> list[str]:
   return errors
 
 
+def _check_quality_fields(config) -> list[str]:
+  """config.quality: the sample-quality numbers of --mode=sample (docs/maths.md §12)."""
+  errors, q = [], config.quality
+  _choice(errors, 'quality.features', q.features, feature_net.FEATURES)
+  if q.num_samples < 0:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must be ≥ 0 (0 = no '
+                  'sample-quality numbers).')
+  elif 0 < q.num_samples <= q.nearest_k:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must exceed '
+                  f'quality.nearest_k = {q.nearest_k} (each sample\'s ball reaches its '
+                  'k-th nearest neighbour), or be 0; a few hundred give stable numbers.')
+  for name in ('batch_size', 'nearest_k', 'feature_steps'):
+    if q[name] < 1:
+      errors.append(f'config.quality.{name} = {q[name]}: must be ≥ 1.')
+  if not 0.0 <= q.confidence < 1.0:
+    errors.append(f'config.quality.confidence = {q.confidence}: must be in [0, 1).')
+  if q.features == 'classifier' and config.data.dataset in datasets.DATASETS and not (
+      datasets.get(config.data.dataset).labelled):
+    errors.append(f"config.quality.features = 'classifier' needs labels, which "
+                  f'data.dataset = {config.data.dataset!r} does not provide here; use '
+                  "'autoencoder' or 'auto'.")
+  return errors
+
+
 def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
   """Checks the config, the devices and the data; returns the data's DatasetInfo.
 
@@ -277,6 +303,9 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
       errors.append(f'config.eval.num_examples = {config.eval.num_examples} exceeds the '
                     f'{split_size} images of the {config.eval.split!r} split of {info.name}; '
                     f'choose 1..{split_size}, or None for all.')
+    if config.quality.num_samples and config.quality.nearest_k >= info.num_test:
+      errors.append(f'config.quality.nearest_k = {config.quality.nearest_k} needs more '
+                    f'test images than the {info.num_test} of {info.name}: lower it.')
     if info.vocab_size != config.model.vocab_size:
       errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match '
                     f'the data: {info.name} has V = {info.vocab_size} values per sub-pixel; '
