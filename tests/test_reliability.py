@@ -726,41 +726,48 @@ def test_a_second_trainer_refuses_at_once_naming_the_first(tmp_path, cli_env):
   assert 'Taking over the stale lock' in third.output
 
 
-def _cli_error(workdir, flags, env, *expected, mode='train'):
-  """Runs the CLI, which must exit 2 with each expected text and no traceback."""
-  proc = subprocess.run([sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
-                         f'--workdir={workdir}', f'--mode={mode}', *flags], cwd=common.REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
-  output = proc.stdout + proc.stderr
-  assert proc.returncode == 2, output[-3000:]
-  assert 'Traceback' not in output, output[-3000:]
-  for text in expected:
-    assert text in output, output[-3000:]
-  return output
+def _cli_args(workdir, flags, mode='train', config='configs/test.py'):
+  return ('-m', 'vdm_jax.main', f'--config={config}', f'--workdir={workdir}',
+          f'--mode={mode}', *flags)
 
 
-def test_faults_of_the_workdir_are_messages_that_change_nothing(workdir_copy, cli_env):
+def _cli_errors(*cases):
+  """Runs CLI commands one after another (common.run_commands); each must exit 2 with
+  each of its expected texts and no traceback. A case is (args, expected texts).
+  Returns each command's output."""
+  outputs = []
+  for (_, expected), proc in zip(cases, common.run_commands(*(a for a, _ in cases))):
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, (proc.args, output[-3000:])
+    assert 'Traceback' not in output, output[-3000:]
+    for text in expected:
+      assert text in output, output[-3000:]
+    outputs.append(output)
+  return outputs
+
+
+def test_faults_of_the_workdir_are_messages_that_change_nothing(workdir_copy):
   workdir, before, _ = workdir_copy
   npz = ['--config.data.dataset=npz',
          f'--config.data.npz_path={json.loads((workdir / "config.json").read_text())["data"]["npz_path"]}',
          '--config.model.vocab_size=256', '--config.eval.num_examples=16']
-  _cli_error(workdir, npz + ['--config.training.num_steps=1'], cli_env,
-             'config.training.num_steps = 1 is below the step of the newest checkpoint',
-             'Set it to 2 or more')
-  _cli_error(workdir, npz + ['--config.eval.num_examples=17'], cli_env,
-             "config.eval.num_examples = 17 exceeds the 16 images of the 'test' split",
-             mode='eval')
-  _cli_error(workdir, npz + ['--config.model.p_drop=0.5', '--config.model.n_embd=16'],
-             cli_env, 'model.n_embd: saved 8, now 16', mode='eval')
+  _cli_errors(
+      (_cli_args(workdir, npz + ['--config.training.num_steps=1']),
+       ['config.training.num_steps = 1 is below the step of the newest checkpoint',
+        'Set it to 2 or more']),
+      (_cli_args(workdir, npz + ['--config.eval.num_examples=17'], mode='eval'),
+       ["config.eval.num_examples = 17 exceeds the 16 images of the 'test' split"]),
+      (_cli_args(workdir, npz + ['--config.model.p_drop=0.5', '--config.model.n_embd=16'],
+                 mode='eval'), ['model.n_embd: saved 8, now 16']))
   assert _fingerprint(workdir) == before
   (workdir / 'config.json').write_text('{"model": ')
-  _cli_error(workdir, npz, cli_env, f'{workdir / "config.json"} is not valid JSON',
-             mode='eval')
+  _cli_errors((_cli_args(workdir, npz, mode='eval'),
+               [f'{workdir / "config.json"} is not valid JSON']))
   (workdir / 'config.json').unlink()
   _damage_all = os.path.join(_ckpt_dir(workdir), '2', 'state', '_METADATA')
   with open(_damage_all, 'w') as f:
     f.write('garbage')
-  _cli_error(workdir, npz, cli_env, r'None of the checkpoints [2]', 'nothing was changed')
+  _cli_errors((_cli_args(workdir, npz), [r'None of the checkpoints [2]', 'nothing was changed']))
   assert os.listdir(_ckpt_dir(workdir)) == ['2']
 
 
@@ -771,26 +778,20 @@ def test_eval_with_a_changed_training_only_field_works(workdir_copy):
   assert results['step'] == 2 and math.isfinite(results['bpd'])
 
 
-def test_config_and_flag_faults_are_messages(tmp_path, cli_env):
+def test_config_and_flag_faults_are_messages(tmp_path):
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config(:\n')
-  for flags, expected in (
-      (['--config.model.n_embdd=16'], ['names no field', 'n_embdd', 'n_embd']),
-      (['--config.model.n_embd=abc'], ['--config.model.n_embd=abc']),
-  ):
-    _cli_error(tmp_path / 'run', flags, cli_env, *expected)
-  for config, expected in ((tmp_path / 'missing.py', 'no such file'),
-                           (broken, 'could not be loaded (SyntaxError')):
-    proc = subprocess.run([sys.executable, '-m', 'vdm_jax.main', f'--config={config}',
-                           f'--workdir={tmp_path / "run"}'], cwd=common.REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr
-  _cli_error(tmp_path / 'run', [], cli_env, 'does not exist or is not a folder', mode='eval')
-  assert not (tmp_path / 'run').exists()  # eval creates nothing
+  run = tmp_path / 'run'
   (tmp_path / 'file').write_text('x')
-  _cli_error(tmp_path / 'file', [], cli_env, 'is a file, not a folder')
-  _cli_error(tmp_path / 'file' / 'run', [], cli_env, 'a part of that path is a file')
+  _cli_errors(
+      (_cli_args(run, ['--config.model.n_embdd=16']), ['names no field', 'n_embdd', 'n_embd']),
+      (_cli_args(run, ['--config.model.n_embd=abc']), ['--config.model.n_embd=abc']),
+      (_cli_args(run, [], config=tmp_path / 'missing.py'), ['no such file']),
+      (_cli_args(run, [], config=broken), ['could not be loaded (SyntaxError']),
+      (_cli_args(run, [], mode='eval'), ['does not exist or is not a folder']),
+      (_cli_args(tmp_path / 'file', []), ['is a file, not a folder']),
+      (_cli_args(tmp_path / 'file' / 'run', []), ['a part of that path is a file']))
+  assert not run.exists()  # eval, and the refused runs, create nothing
 
 
 def _mount_tmpfs(path, options):
@@ -801,10 +802,10 @@ def _mount_tmpfs(path, options):
     pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
 
 
-def test_read_only_workdir_is_a_message(tmp_path, cli_env):
+def test_read_only_workdir_is_a_message(tmp_path):
   _mount_tmpfs(tmp_path / 'ro', 'ro,size=1m')
   try:
-    _cli_error(tmp_path / 'ro', [], cli_env, 'cannot write to', 'read-only')
+    _cli_errors((_cli_args(tmp_path / 'ro', []), ['cannot write to', 'read-only']))
   finally:
     subprocess.run(['umount', str(tmp_path / 'ro')])
 
@@ -825,9 +826,9 @@ def test_full_disk_during_a_save_keeps_the_checkpoints_and_resumes(tmp_path, cli
     filler = disk / 'filler'
     with open(filler, 'wb') as f:  # leave room for the lock and the logs, not a checkpoint
       f.write(b'\0' * max(0, free - checkpoint_bytes // 2))
-    output = _cli_error(workdir, flags + ['--config.training.num_steps=4'], cli_env,
-                        'is full (ENOSPC)', 'the checkpoints written before are intact '
-                        '(newest: step 2)', 'run the same command again')
+    output, = _cli_errors((_cli_args(workdir, flags + ['--config.training.num_steps=4']),
+                           ['is full (ENOSPC)', 'the checkpoints written before are intact '
+                            '(newest: step 2)', 'run the same command again']))
     after = _fingerprint(workdir)  # config.json now holds num_steps = 4: the run began
     assert {k: after.get(k) for k in before if k.startswith('checkpoints/')} == {
         k: v for k, v in before.items() if k.startswith('checkpoints/')}, output[-2000:]
