@@ -183,23 +183,23 @@ def test_two_processes_agree_with_one(reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_cli_overrides_reach_the_model_and_typos_are_refused(tmp_path):
-  args = ['--config=configs/test.py', f'--workdir={tmp_path}', '--config.model.n_embd=16',
-          '--config.training.num_steps=2']
-  proc = common.run_cli(*args)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  args = ('-m', 'vdm_jax.main', '--config=configs/test.py', f'--workdir={tmp_path}',
+          '--config.model.n_embd=16', '--config.training.num_steps=2')
+  trained, evaluated, bad = common.run_commands(
+      args, (*args, '--mode=eval', '--config.eval.num_examples=10'),
+      ('-m', 'vdm_jax.main', '--config=configs/test.py', f'--workdir={tmp_path}',
+       '--config.model.n_embdd=16'))
+  assert trained.returncode == 0, trained.stderr[-3000:]
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['n_embd'] == 16 and saved['training']['num_steps'] == 2
   cfg = common.load_config('test')
   cfg.model.n_embd = 16
   params = common.params_of(tmp_path, cfg)
   assert params['score_model']['conv_in']['kernel'].shape[-1] == 16
-  proc = common.run_cli(*args, '--mode=eval', '--config.eval.num_examples=10')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'test bpd' in proc.stdout
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'test bpd' in evaluated.stdout
   result = json.loads((tmp_path / 'eval_results.json').read_text())
   assert result['num_examples'] == 10 and math.isfinite(result['bpd'])
-  bad = common.run_cli('--config=configs/test.py', f'--workdir={tmp_path}',
-                       '--config.model.n_embdd=16')
   assert bad.returncode != 0 and 'n_embdd' in bad.stderr
 
 
