@@ -42,3 +42,14 @@ def digits_features(tmp_path_factory):
   cfg.quality.cache_dir = str(tmp_path_factory.mktemp('feature_cache'))
   cfg.quality.feature_steps = 300
   return cfg, feature_net.load_or_train(cfg)
+
+
+@pytest.fixture(scope='session')
+def trained_test_workdir(tmp_path_factory):
+  """A workdir trained by configs/test.py (checkpoints 2, 4, 6; config.json); copy it
+  before changing it."""
+  import common  # pylint: disable=g-import-not-at-top
+  from vdm_jax.training import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('trained_test') / 'workdir'
+  train.train_and_evaluate(common.load_config('test'), str(workdir))
+  return workdir

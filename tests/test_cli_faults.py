@@ -32,7 +32,6 @@ from vdm_jax.codec import paths
 from vdm_jax.codec import tools
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.runtime import workdir_lock
-from vdm_jax.training import train
 
 CODEC = ['--config.codec.timesteps=4']  # a short chain: these tests are about faults, not rates
 
@@ -109,12 +108,10 @@ def _digits(n=2) -> np.ndarray:
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A workdir trained by configs/test.py: checkpoints at steps 2, 4, 6 and config.json."""
-  workdir = tmp_path_factory.mktemp('trained') / 'workdir'
-  train.train_and_evaluate(common.load_config('test'), str(workdir))
-  assert workdir_lib.Workdir(workdir).checkpoint_steps() == [2, 4, 6]
-  return workdir
+def trained(trained_test_workdir):
+  """The session's workdir trained by configs/test.py: checkpoints 2, 4, 6, config.json."""
+  assert workdir_lib.Workdir(trained_test_workdir).checkpoint_steps() == [2, 4, 6]
+  return trained_test_workdir
 
 
 @pytest.fixture
