@@ -267,3 +267,16 @@ def test_image_files_round_trip(tmp_path):
     np.testing.assert_array_equal(codec_tools.load_images(path), images)
   np.savez(tmp_path / 'split.npz', test=images[:, :, :, :1])
   assert codec_tools.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)
+
+
+# ------------------------------------------------------------------ older formats
+FIXTURES = __import__('pathlib').Path(__file__).parent / 'data'
+
+
+def test_version_1_file_still_decodes():
+  """tests/data/codec_v1.vdmc: random_images(3) written by the version-1 encoder with
+  tiny_model(), T = 3, batch 2, first_images 2 (groups of 1 and 2 images)."""
+  model, params = tiny_model()
+  data = (FIXTURES / 'codec_v1.vdmc').read_bytes()
+  assert data[4] == 1
+  np.testing.assert_array_equal(coder.decompress(model, params, data), random_images(3))
