@@ -26,6 +26,7 @@ from vdm_jax.evaluation import evaluate
 from vdm_jax.evaluation import sampling
 from vdm_jax import original
 from vdm_jax import reporting
+from vdm_jax.runtime import compiler
 from vdm_jax.runtime import host_memory
 from vdm_jax.runtime import parallel
 from vdm_jax.training import train
@@ -46,6 +47,10 @@ flags.DEFINE_string('input', None, 'For --mode=compress: images (.npz or a folde
 flags.DEFINE_string('output', None, 'For --mode=compress: the compressed file; for '
                     '--mode=decompress: a .npz or a folder for PNG files.')
 flags.DEFINE_bool('verbose', False, 'Show the traceback of every error.')
+flags.DEFINE_string('compilation_cache', None, "Folder of JAX's persistent compilation "
+                    'cache (a second run of the same model starts without compiling); '
+                    'default $JAX_COMPILATION_CACHE_DIR, else vdm_jax/jax in the user\'s '
+                    'cache folder; empty: no cache.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -131,6 +136,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     reporting.exit_with(reporting.describe_config_error(e, sys.argv), FLAGS.verbose, e)
   with reporting.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
+    compiler.use_persistent_cache(compiler.cache_dir(FLAGS.compilation_cache))
     MODES[FLAGS.mode](config)
 
 

@@ -1,4 +1,4 @@
-"""Around the bits-back codec (vdm_jax/codec/coder.py): the bound it approaches, image files,
+"""Around the codec (vdm_jax/codec/compressor.py): the bound it approaches, image files,
 and the `--mode=compress` / `--mode=decompress` commands.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=W --mode=compress \
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vdm_jax.codec import coder
+from vdm_jax.codec import compressor
 from vdm_jax.codec import file_format
 from vdm_jax.codec import tables
 from vdm_jax.model import vdm
@@ -30,7 +30,7 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
   L_recon averaged over `recon_draws` draws of ε_0. γ(i/T) as in `compress`.
   """
   vocab = int(model.config.vocab_size)
-  images = coder._check_images(images, vocab)
+  images = compressor.check_images(images, vocab)
   n = len(images)
   gam = jnp.asarray(tables.gamma_grid(model, params, timesteps), jnp.float32)
   batch = min(batch_size, n)
@@ -105,11 +105,11 @@ def save_images(images: np.ndarray, path: str) -> str:
 
 # ------------------------------------------------------------------ commands
 def restore(config, workdir: str):
-  """(model, params) of the workdir's newest checkpoint, the parameters that
-  evaluation uses (EMA unless config.eval.use_ema is False)."""
+  """(model, params, step) of the workdir's newest checkpoint, with the parameters
+  that evaluation uses (EMA unless config.eval.use_ema is False)."""
   from vdm_jax import build  # pylint: disable=g-import-not-at-top
   run, state = build.restore(config, workdir)
-  return run.model, run.eval_params(state)
+  return run.model, run.eval_params(state), int(state.step)
 
 
 def codec_kwargs(config) -> dict:
@@ -122,10 +122,11 @@ def codec_kwargs(config) -> dict:
 def compress_command(config, workdir: str, input_path: str, output_path: str) -> str:
   """--mode=compress: IMAGES (.npz or PNG folder) to one file; returns a summary."""
   images = load_images(input_path, config.eval.split)
-  model, params = restore(config, workdir)
-  data, report = coder.compress(model, params, images, batch_size=config.codec.batch_size,
-                                first_group=config.codec.first_group,
-                                **codec_kwargs(config))
+  model, params, step = restore(config, workdir)
+  data, report = compressor.compress(
+      model, params, images, batch_size=config.codec.batch_size,
+      first_group=config.codec.first_group, step=step, progress=True,
+      **codec_kwargs(config))
   with open(output_path, 'wb') as f:
     f.write(data)
   return f'{output_path}: {report.summary()}'
@@ -135,6 +136,7 @@ def decompress_command(config, workdir: str, input_path: str, output_path: str) 
   """--mode=decompress: one file back to IMAGES (.npz, or a folder of PNG files)."""
   with open(input_path, 'rb') as f:
     data = f.read()
-  model, params = restore(config, workdir)
-  images = coder.decompress(model, params, data, **codec_kwargs(config))
+  model, params, step = restore(config, workdir)
+  images = compressor.decompress(model, params, data, step=step, progress=True,
+                                 **codec_kwargs(config))
   return f'{len(images)} images decoded to {save_images(images, output_path)}'
