@@ -16,6 +16,8 @@ beside each). For every run, with its newest checkpoint (the EMA parameters):
 - var_diff: the estimator variance of the diffusion term per example, in bpd², under the
   run's own training draws (model.time_sampling; the adaptive proposal of its state):
   the variance over --variance_draws draws of each test image, averaged over images;
+- var_weighted: the same for the weighted term w(λ)·L_diff that training minimises
+  (model.weighting; equal to var_diff for `elbo`), the variance the gradient sees;
 - steps_per_s: the training speed TensorBoard recorded (mean of its 30 s reports);
 - the figure: the test bound of every eval_results_<step>.json against the step.
 The table is printed as Markdown and written to ROOT/paired.md and ROOT/paired.json.
@@ -57,9 +59,9 @@ def load_runs(root: str) -> list[dict]:
   return runs
 
 
-def diffusion_variance(run, state, config, draws: int) -> float:
-  """Mean over test images of the variance over `draws` of L_diff (bpd²), drawn as the
-  run trained (its time_sampling, and the adaptive proposal of its state)."""
+def diffusion_variance(run, state, config, draws: int) -> tuple[float, float]:
+  """Mean over test images of the variance over `draws` of L_diff and of w·L_diff (bpd²),
+  drawn as the run trained (its time_sampling, and the adaptive proposal of its state)."""
   mc = config.model
   probs = (time_sampling.adaptive_probs(state.time_sampler, mc.adaptive_decay,
                                         mc.adaptive_uniform)
@@ -70,7 +72,8 @@ def diffusion_variance(run, state, config, draws: int) -> float:
   def one_draw(images, cond, key):
     out = run.model.apply({'params': params}, images, cond, deterministic=True,
                           bin_probs=probs, rngs={'sample': key})
-    return vdm.bits_per_dim(out.loss_diff, math.prod(images.shape[1:]))
+    terms = jnp.stack([out.loss_diff, out.loss_diff_weighted])
+    return vdm.bits_per_dim(terms, math.prod(images.shape[1:]))
 
   per_image = []
   batches = input_pipeline.eval_batches(config.data, config.eval.split,
@@ -80,9 +83,10 @@ def diffusion_variance(run, state, config, draws: int) -> float:
     keys = jax.random.split(jax.random.key(1000 + i), draws)
     values = np.stack([np.asarray(one_draw(jnp.asarray(batch['images']),
                                            jnp.asarray(batch['conditioning']), k))
-                       for k in keys])  # [draws, B]
-    per_image.append(values.var(axis=0, ddof=1)[np.asarray(batch['mask'], bool)])
-  return float(np.concatenate(per_image).mean())
+                       for k in keys])  # [draws, 2, B]
+    per_image.append(values.var(axis=0, ddof=1)[:, np.asarray(batch['mask'], bool)])
+  plain, weighted = np.concatenate(per_image, axis=1).mean(axis=1)
+  return float(plain), float(weighted)
 
 
 def steps_per_second(workdir: str) -> float:
@@ -119,7 +123,8 @@ def compare(root: str, reference: dict, variance_draws: int) -> list[dict]:
     r['step'] = int(jax.device_get(state.step))
     r['per_image'] = evaluate.per_image(run.model, run.eval_params(state), r['config'],
                                         run.mesh)['bpd']
-    r['var_diff'] = diffusion_variance(run, state, r['config'], variance_draws)
+    r['var_diff'], r['var_weighted'] = diffusion_variance(run, state, r['config'],
+                                                          variance_draws)
     r['steps_per_s'] = steps_per_second(r['workdir'])
     r['curve'] = curve(r['workdir'])
   rows = []
@@ -129,7 +134,8 @@ def compare(root: str, reference: dict, variance_draws: int) -> list[dict]:
     bpd = r['per_image']
     row = dict(settings=r['settings'], step=r['step'], bpd=float(bpd.mean()),
                bpd_stderr=float(bpd.std(ddof=1) / math.sqrt(len(bpd))),
-               var_diff=r['var_diff'], steps_per_s=r['steps_per_s'], curve=r['curve'])
+               var_diff=r['var_diff'], var_weighted=r['var_weighted'],
+               steps_per_s=r['steps_per_s'], curve=r['curve'])
     if ref is not None and len(ref['per_image']) == len(bpd):
       d = bpd - ref['per_image']
       row.update(diff=float(d.mean()), diff_stderr=float(d.std(ddof=1) / math.sqrt(len(d))))
@@ -138,13 +144,13 @@ def compare(root: str, reference: dict, variance_draws: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], keys) -> str:
-  lines = ['| run | step | test bpd | paired diff | var L_diff (bpd²) | steps/s |',
-           '|---|---|---|---|---|---|']
+  lines = ['| run | step | test bpd | paired diff | var L_diff (bpd²) | var w·L_diff (bpd²) '
+           '| steps/s |', '|---|---|---|---|---|---|---|']
   for r in rows:
     diff = (f"{r['diff']:+.4f} ± {r['diff_stderr']:.4f}" if 'diff' in r else '')
     lines.append(f"| {label(r['settings'], keys)} | {r['step']} | {r['bpd']:.4f} ± "
                  f"{r['bpd_stderr']:.4f} | {diff} | {r['var_diff']:.4g} | "
-                 f"{r['steps_per_s']:.1f} |")
+                 f"{r['var_weighted']:.4g} | {r['steps_per_s']:.1f} |")
   return '\n'.join(lines)
 
 

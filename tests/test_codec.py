@@ -1,9 +1,11 @@
-"""The bits-back codec (vdm_jax/codec/coder.py, docs/maths.md §9): exact round trips, every
+"""The codec (vdm_jax/codec/compressor.py and coder.py, docs/maths.md §9): exact round
+trips of bits-back, mixed and conventional files and of the previous format, every
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from vdm_jax.codec import coder
 from vdm_jax.codec import compressor
 from vdm_jax.codec import conventional
 from vdm_jax.codec import file_format
+from vdm_jax.codec import images as codec_images
 from vdm_jax.codec import tables
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax.model import vdm
@@ -406,14 +409,14 @@ def test_coding_table_grids_are_fine_and_supports_small():
 def test_image_files_round_trip(tmp_path):
   images = random_images(3, 256, 3)
   for path in (str(tmp_path / 'a.npz'), str(tmp_path / 'pngs')):
-    codec_tools.save_images(images, path)
-    np.testing.assert_array_equal(codec_tools.load_images(path), images)
+    codec_images.save_images(images, path)
+    np.testing.assert_array_equal(codec_images.load_images(path), images)
   np.savez(tmp_path / 'split.npz', test=images[:, :, :, :1])
-  assert codec_tools.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)
+  assert codec_images.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)
 
 
 # ------------------------------------------------------------------ older formats
-FIXTURES = __import__('pathlib').Path(__file__).parent / 'data'
+FIXTURES = pathlib.Path(__file__).parent / 'data'
 
 
 def test_version_1_file_still_decodes():

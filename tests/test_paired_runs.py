@@ -40,6 +40,8 @@ def test_runs_are_compared_with_their_reference_image_by_image(tmp_path):
   assert np.isfinite(rows['sigmoid']['diff']) and rows['sigmoid']['diff_stderr'] > 0
   for row in rows.values():
     assert row['step'] == 4 and row['var_diff'] > 0 and np.isfinite(row['bpd'])
+    # configs/test.py trains the bound itself (weighting 'elbo'): w ≡ 1.
+    assert row['var_weighted'] == pytest.approx(row['var_diff'], rel=1e-6)
     assert row['curve'][0] == [2]  # the bound written during training (not at the end)
   assert 'paired diff' in (tmp_path / 'paired.md').read_text()
   assert figure.stat().st_size > 1000

@@ -37,6 +37,13 @@ def test_the_shipped_configs_are_valid():
     ({'eval.num_examples': -1}, 'config.eval.num_examples = -1: must be >= 1'),
     ({'eval.num_examples': 0}, 'config.eval.num_examples = 0: must be >= 1'),
     ({'data.num_train': 0}, 'config.data.num_train = 0: must be >= 1'),
+    ({'quality.num_samples': -1}, 'config.quality.num_samples = -1: must be ≥ 0'),
+    ({'quality.num_samples': 5}, 'config.quality.num_samples = 5: must exceed '
+     'quality.nearest_k = 5'),
+    ({'quality.confidence': 1.0}, 'config.quality.confidence = 1.0: must be in [0, 1)'),
+    ({'quality.feature_steps': 0}, 'config.quality.feature_steps = 0: must be ≥ 1'),
+    ({'quality.features': 'inception'}, "config.quality.features = 'inception' is not one "
+     "of 'auto', 'classifier', 'autoencoder'"),
     ({'training.max_skipped_fraction': 1.5},
      'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
@@ -131,3 +138,13 @@ def test_a_saved_config_without_a_newer_field_counts_as_its_default():
   assert validation.config_difference(saved, _config()) == []
   assert validation.config_difference(saved, _config(**{'model.prediction': 'v'})) == [
       "model.prediction: saved 'eps', now 'v'"]
+
+
+def test_quality_needs_labels_for_a_classifier_and_more_test_images_than_k():
+  errors = _errors(**{'data.dataset': 'npz', 'data.npz_path': 'x.npz',
+                      'quality.features': 'classifier'})
+  assert any("config.quality.features = 'classifier' needs labels" in e for e in errors)
+  cfg = _config(**{'quality.num_samples': 400, 'quality.nearest_k': 297})
+  with pytest.raises(validation.ConfigError, match='nearest_k = 297 needs more test images '
+                     'than the 297 of digits'):
+    validation.validate(cfg)

@@ -141,6 +141,17 @@ def get_config() -> ml_collections.ConfigDict:
   sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
   sample.conditioning = 0.0  # The conditioning value given to every sample.
 
+  # ------------------------------------- sample quality (docs/maths.md §12; --mode=sample)
+  config.quality = quality = ml_collections.ConfigDict()
+  quality.num_samples = 1000  # N samples scored against the test split; 0 = none (the grid only).
+  quality.batch_size = 250  # Samples drawn per compiled sampler call.
+  quality.nearest_k = 5  # k of the k-nearest-neighbour balls of precision, recall, density, coverage.
+  quality.confidence = 0.9  # A sample counts as confidently classified above this class probability.
+  quality.features = 'auto'  # Feature network: auto (classifier where the data have labels, else autoencoder) | classifier | autoencoder.
+  quality.feature_steps = 1000  # Training steps (batch 64) of the feature network.
+  quality.feature_seed = 0  # Seed of the feature network's initialisation and batch order.
+  quality.cache_dir = config_dict.placeholder(str)  # Trained feature networks; None = $XDG_CACHE_HOME/vdm_jax, else ~/.cache/vdm_jax.
+
   # ------------------------------------------------ bits-back coding (vdm_jax/codec/coder.py)
   config.codec = codec = ml_collections.ConfigDict()
   codec.timesteps = 400  # T of the discrete-time model the files use (docs/maths.md §9: rate against time).

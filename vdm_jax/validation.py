@@ -4,6 +4,8 @@ Every message names the field, the value given and what is accepted; all problem
 reported at once. Inside the package the locked, validated config is trusted.
 """
 
+import math
+import re
 
 from flax import traverse_util
 import jax
@@ -11,6 +13,7 @@ import jax
 from vdm_jax import config_base
 from vdm_jax.data import datasets
 from vdm_jax import errors
+from vdm_jax.evaluation import feature_net
 from vdm_jax.evaluation import ode
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
@@ -52,7 +55,17 @@ def _choice(errors, name, value, accepted):
 
 
 def check_fields(config) -> list[str]:
-  """Unknown keys and bad values, without touching data or devices."""
+  """Unknown keys and bad values, without touching data or devices: every float field
+  finite first (a NaN passes every comparison), then each field's range."""
+  nonfinite = {key: f'config.{key} = {value}: must be a finite number.'
+               for key, value in flatten(config).items()
+               if isinstance(value, float) and not math.isfinite(value)}
+  names = lambda message: set(re.findall(r'config\.([\w.]*\w)', message))
+  return list(nonfinite.values()) + [e for e in _check_values(config)
+                                     if not names(e) & set(nonfinite)]
+
+
+def _check_values(config) -> list[str]:
   errors = []
   known = flatten(config_base.get_config())
   given = flatten(config)
@@ -157,7 +170,8 @@ def check_fields(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
-  errors += _check_ode_fields(config)
+  errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
+  errors += _check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
@@ -217,6 +231,44 @@ def _check_ode_fields(config) -> list[str]:
   return errors
 
 
+def _check_codec_fields(c) -> list[str]:
+  """config.codec (vdm_jax/codec/compressor.py): positive, within 32 bits for T and
+  first_images and 16 bits for the others, bounds no useful setting reaches."""
+  errors = []
+  for name, low, high in (('timesteps', 1, 2**32 - 1), ('batch_size', 1, 2**16 - 1),
+                          ('first_group', 1, None), ('resolution', 1, 2**16 - 1),
+                          ('first_resolution', 1, 2**16 - 1),
+                          ('first_images', 0, 2**32 - 1), ('support', 1, 2**16 - 1)):
+    if c[name] < low or (high is not None and c[name] > high):
+      errors.append(f'config.codec.{name} = {c[name]}: must be '
+                    + (f'≥ {low}.' if high is None else f'in {low}..{high}.'))
+  return errors
+
+
+def _check_quality_fields(config) -> list[str]:
+  """config.quality: the sample-quality numbers of --mode=sample (docs/maths.md §12)."""
+  errors, q = [], config.quality
+  _choice(errors, 'quality.features', q.features, feature_net.FEATURES)
+  if q.num_samples < 0:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must be ≥ 0 (0 = no '
+                  'sample-quality numbers).')
+  elif 0 < q.num_samples <= q.nearest_k:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must exceed '
+                  f'quality.nearest_k = {q.nearest_k} (each sample\'s ball reaches its '
+                  'k-th nearest neighbour), or be 0; a few hundred give stable numbers.')
+  for name in ('batch_size', 'nearest_k', 'feature_steps'):
+    if q[name] < 1:
+      errors.append(f'config.quality.{name} = {q[name]}: must be ≥ 1.')
+  if not 0.0 <= q.confidence < 1.0:
+    errors.append(f'config.quality.confidence = {q.confidence}: must be in [0, 1).')
+  if q.features == 'classifier' and config.data.dataset in datasets.DATASETS and not (
+      datasets.get(config.data.dataset).labelled):
+    errors.append(f"config.quality.features = 'classifier' needs labels, which "
+                  f'data.dataset = {config.data.dataset!r} does not provide here; use '
+                  "'autoencoder' or 'auto'.")
+  return errors
+
+
 def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
   """Checks the config, the devices and the data; returns the data's DatasetInfo.
 
@@ -251,6 +303,9 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
       errors.append(f'config.eval.num_examples = {config.eval.num_examples} exceeds the '
                     f'{split_size} images of the {config.eval.split!r} split of {info.name}; '
                     f'choose 1..{split_size}, or None for all.')
+    if config.quality.num_samples and config.quality.nearest_k >= info.num_test:
+      errors.append(f'config.quality.nearest_k = {config.quality.nearest_k} needs more '
+                    f'test images than the {info.num_test} of {info.name}: lower it.')
     if info.vocab_size != config.model.vocab_size:
       errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match '
                     f'the data: {info.name} has V = {info.vocab_size} values per sub-pixel; '

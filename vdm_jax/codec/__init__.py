@@ -7,7 +7,8 @@
 compressor.py writes and reads the files: the first images in a conventional code
 (conventional.py), the others bits-back coded above it (coder.py, on an ANS stack;
 tables.py quantises the Gaussians it codes); file_format.py is the file's header and
-its checks; tools.py reads and writes image files and runs the command-line modes.
+its checks; tools.py runs the command-line modes, images.py reads and writes their
+image files and paths.py checks and writes their --input and --output.
 """
 
 from vdm_jax.codec.compressor import compress

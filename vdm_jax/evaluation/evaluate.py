@@ -138,13 +138,30 @@ def _ode_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir, writer) -
   return results
 
 
+class _WriterOnFirstUse:
+  """clu's metric writer, made (with its event file) only when there is something to
+  write, so that an evaluation that fails leaves the workdir as it was."""
+
+  def __init__(self, path: str):
+    self._path, self._writer = path, None
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if self._writer is None:
+      self._writer = metric_writers.create_default_writer(
+          self._path, just_logging=jax.process_index() > 0)
+    self._writer.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+
 def evaluate_workdir(config, workdir, mesh=None) -> dict:
   """--mode=eval: the workdir's newest checkpoint evaluated by config.eval.estimator (the
   bound, or the ODE's likelihood), the results written beside it."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
-  writer = metric_writers.create_default_writer(str(wd.path),
-                                                just_logging=jax.process_index() > 0)
+  writer = _WriterOnFirstUse(str(wd.path))
   try:
     if config.eval.estimator == 'ode':
       return _ode_and_write(run, state, wd, writer)

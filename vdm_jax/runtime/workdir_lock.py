@@ -78,10 +78,15 @@ def _create(path, record: dict) -> bool:
 
 
 def _read(path) -> dict:
+  """The lock's record; {} when it vanished or holds no record (half-written by a dying
+  owner, or anything else: such a file names no owner and is taken over)."""
   try:
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
   except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-    return {}  # vanished, or half-written by a dying owner
+    return {}
+  numbers = isinstance(record, dict) and all(
+      isinstance(record.get(k, 0), (int, float)) for k in ('started', 'heartbeat'))
+  return record if numbers else {}
 
 
 def acquire(wd: workdir_lib.Workdir) -> dict:

@@ -9,8 +9,6 @@ checkpoint continues exactly as the uninterrupted run would have.
 
 import functools
 import math
-import signal
-import threading
 
 from absl import logging
 from clu import metric_writers
@@ -32,6 +30,7 @@ from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import compiler
 from vdm_jax.runtime import parallel
+from vdm_jax.runtime import signals as signals_lib
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.runtime import workdir_lock
 from vdm_jax.training import optim
@@ -158,36 +157,12 @@ def nonfinite_message(step: int, metrics: dict, skipped: bool = False) -> str:
                  '--config.training.skip_nonfinite=True to skip such steps.')
 
 
-class _SignalFlag:
-  """Records SIGTERM/SIGINT so that the loop can stop at the end of the step in flight."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    self.signum = signum
-    logging.warning('Received signal %d: finishing the step in flight, then saving.', signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def agreed(self) -> bool:
-    """True on every process when any process got a signal (multi-host agreement)."""
-    local = self.signum is not None
-    if jax.process_count() == 1:
-      return local
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+def _agreed(signals: signals_lib.Deferred) -> bool:
+  """True on every process when any process got a signal (multi-host agreement)."""
+  local = signals.signum is not None
+  if jax.process_count() == 1:
+    return local
+  return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
 def _write_train_metrics(writer, step: int, pending: list[dict], skipped: int) -> None:
@@ -218,18 +193,29 @@ def _start(run, wd, manager, allow_config_change: bool):
 def train_and_evaluate(config, workdir, *, mesh=None,
                        allow_config_change: bool = False) -> train_state.TrainState:
   """Trains (resuming from the workdir's newest checkpoint), evaluating and sampling
-  periodically; returns the final state. Raises errors.Preempted after a signal."""
+  periodically; returns the final state.
+
+  config.json and the event file are written only once the run is known to start: the
+  config valid, the lock taken, the workdir writable, the checkpoint to resume from
+  restored. SIGTERM/SIGINT are deferred from before the lock is taken until it is let
+  go: one before the first step raises errors.Stopped with nothing changed, one during
+  training errors.Preempted after the step in flight and its checkpoint.
+  """
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
   wd.create()
-  with workdir_lock.hold(wd):
+  with signals_lib.Deferred() as signals, workdir_lock.hold(wd):
+    wd.check_writable()
     tc = config.training
     manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True)
-    writer = metric_writers.create_default_writer(
-        str(wd.path), just_logging=jax.process_index() > 0)
+    writer = None
     try:
       state = _start(run, wd, manager, allow_config_change)
-      wd.write_config(config)
+      if _agreed(signals):
+        raise errors.Stopped(signals.signum)
+      wd.write_config(config)  # the run starts: every check above has passed
+      writer = metric_writers.create_default_writer(
+          str(wd.path), just_logging=jax.process_index() > 0)
       step = int(jax.device_get(state.step))
       if step == 0:
         parameter_overview.log_parameter_overview(state.params)
@@ -237,12 +223,12 @@ def train_and_evaluate(config, workdir, *, mesh=None,
                               if isinstance(v, (int, float, str, bool))})
       logging.info('Training %s from step %d to %d on %d device(s); workdir %s.',
                    run.info.name, step, tc.num_steps, run.mesh.devices.size, wd)
-      with _SignalFlag() as signals:
-        state = _train_loop(run, wd, state, manager, writer, signals)
+      state = _train_loop(run, wd, state, manager, writer, signals)
     finally:
       manager.wait_until_finished()  # never leave a save half-written on the way out
       manager.close()
-      writer.flush()
+      if writer is not None:
+        writer.flush()
   return state
 
 
@@ -286,7 +272,7 @@ def _train_loop(run, wd, state, manager, writer, signals):
     if _is_multiple(step, tc.log_every) or step == tc.num_steps:
       _write_train_metrics(writer, step, pending, skipped)
       pending = []
-    preempt = signals.agreed()
+    preempt = _agreed(signals)
     if _is_multiple(step, tc.checkpoint_every) or step == tc.num_steps or preempt:
       checkpoints.save(manager, step, state)
     if preempt:
