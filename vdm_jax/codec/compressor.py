@@ -57,6 +57,7 @@ def _progress(images: int, timesteps: int, what: str, enabled: bool):
   """An `advance(images)` callable, called at each of the T steps, drawing a bar with
   the images done and the ETA (after 5 s, if enabled)."""
   with tqdm.tqdm(total=images * timesteps, unit_scale=1 / timesteps, desc=what, delay=5,
+                 mininterval=1,
                  disable=not enabled, bar_format='{desc}: {percentage:3.0f}%|{bar}| '
                  '{n:.1f}/{total:.0f} images [{elapsed}<{remaining}]') as bar:
     yield bar.update

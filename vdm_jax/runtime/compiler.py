@@ -62,3 +62,6 @@ def use_persistent_cache(directory: Optional[str]) -> None:
         f'--compilation_cache={directory}: cannot create the folder ({e}); name '
         'another one, or pass --compilation_cache= to compile without a cache.') from e
   jax.config.update('jax_compilation_cache_dir', directory)
+  # The codec's network calls compile in well under JAX's default threshold of 1 s
+  # each, but there are two per batch bucket: keep them all.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
