@@ -426,3 +426,15 @@ def test_version_1_file_still_decodes():
   data = (FIXTURES / 'codec_v1.vdmc').read_bytes()
   assert data[4] == 1
   np.testing.assert_array_equal(compressor.decompress(model, params, data), random_images(3))
+
+
+def test_every_altered_byte_of_a_version_1_file_is_refused():
+  """Its header digest and payload hash catch every change before any decoding."""
+  data = (FIXTURES / 'codec_v1.vdmc').read_bytes()
+  for i in range(len(data)):
+    altered = bytearray(data)
+    altered[i] ^= 0x10
+    with pytest.raises(file_format.CorruptFileError):
+      compressor.read_header(bytes(altered))
+  with pytest.raises(file_format.CorruptFileError):
+    compressor.read_header(data[:-4])
