@@ -19,7 +19,6 @@ On MNIST-5k's 500 test images (every tenth row: 50 of each digit) this gives PNG
 2.814 ± 0.022 and WebP 2.097 ± 0.019 bpd.
 """
 
-import io
 import json
 import math
 import os
@@ -33,40 +32,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image
 
+from vdm_jax.codec.conventional import CODECS
+from vdm_jax.codec.conventional import decode
+from vdm_jax.codec.conventional import encode
 from vdm_jax.data import datasets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULTS_FILE = 'eval_results.json'
 CODEC_FILE = 'codec_eval.json'  # written by experiments/codec_eval.py
-_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # Channels -> PIL mode.
-CODECS = {
-    'PNG': ('PNG', dict(optimize=True, compress_level=9),
-            'Pillow, optimize=True, compress_level=9'),
-    'WebP lossless': ('WEBP', dict(lossless=True, quality=100, method=6),
-                      'Pillow/libwebp, lossless=True, quality=100, method=6'),
-}
-
-
-def encode(image: np.ndarray, codec: str) -> bytes:
-  """One uint8 [H, W, C] image as a complete file of the codec."""
-  fmt, options, _ = CODECS[codec]
-  out = io.BytesIO()
-  Image.fromarray(image.reshape(image.shape[:2]) if image.shape[-1] == 1 else image,
-                  _MODES[image.shape[-1]]).save(out, format=fmt, **options)
-  return out.getvalue()
-
-
-def decode(data: bytes, channels: int) -> np.ndarray:
-  """A file back to uint8 [H, W, C] (WebP stores grey as RGB, grey+alpha as RGBA)."""
-  with Image.open(io.BytesIO(data)) as im:
-    array = np.asarray(im)
-  if array.ndim == 2:
-    array = array[..., None]
-  if array.shape[-1] != channels:
-    array = array[..., [0, 3] if channels == 2 else [0]]
-  return array
 
 
 def codec_bpd(images: np.ndarray, codec: str, check: bool = True) -> np.ndarray:

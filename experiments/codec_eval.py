@@ -3,8 +3,10 @@ r"""A model's bits-back files against its discrete-time bound, on its test image
   python experiments/codec_eval.py --config=configs/mnist.py --workdir=workdirs/mnist
 
 Compresses the evaluation images (config.eval.split, the first config.eval.num_examples
-or --num_images of them) into one file with the workdir's model (vdm_jax/codec/coder.py, T =
-config.codec.timesteps unless --timesteps), decodes it and checks every image, and
+or --num_images of them) into one bits-back file with the workdir's model, every image
+bits-back coded from pseudo-random initial bits (vdm_jax/codec/compressor.py with
+conventional_images=0; T = config.codec.timesteps unless --timesteps), decodes it and
+checks every image, and
 estimates the discrete-time bound at the same T on the same images with every one of
 the T diffusion terms drawn per image (--bound_draws times, averaged). Reports:
 
@@ -52,13 +54,14 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
   images = datasets.load_split(config.data, config.eval.split)
   num = num_images or config.eval.num_examples
   images = np.asarray(images[:num] if num else images)
-  model, params = codec_tools.restore(config, workdir)
+  model, params, step = codec_tools.restore(config, workdir)
   c = config.codec
   data, report = codec.compress(
       model, params, images, timesteps=timesteps, batch_size=c.batch_size,
       first_group=c.first_group, resolution=c.resolution,
-      first_resolution=c.first_resolution,
-      first_images=c.first_images, support=c.support, ideal_bits=True)
+      first_resolution=c.first_resolution, first_images=c.first_images,
+      support=c.support, step=step, conventional_images=0, fallback=False,
+      ideal_bits=True)
   timings = {}
   decoded = codec.decompress(model, params, data, timings=timings)
   if not np.array_equal(decoded, images):

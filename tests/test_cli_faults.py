@@ -25,7 +25,7 @@ import common
 from vdm_jax import config_base
 from vdm_jax import errors
 from vdm_jax import validation
-from vdm_jax.codec import coder
+from vdm_jax.codec import compressor
 from vdm_jax.codec import file_format
 from vdm_jax.codec import images as images_lib
 from vdm_jax.codec import paths
@@ -211,7 +211,7 @@ def test_a_palette_folder_is_coded_as_the_colours_it_shows(trained, tmp_path):
 def _no_compression(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('the compression started')
-  monkeypatch.setattr(coder, 'compress', fail)
+  monkeypatch.setattr(compressor, 'compress', fail)
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
-"""The bits-back codec (vdm_jax/codec/coder.py, docs/maths.md §9): exact round trips, every
+"""The codec (vdm_jax/codec/compressor.py and coder.py, docs/maths.md §9): exact round
+trips of bits-back, mixed and conventional files and of the previous format, every
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,11 @@ import pytest
 
 from configs import test as test_config
 from vdm_jax.codec import coder
+from vdm_jax.codec import compressor
+from vdm_jax.codec import conventional
 from vdm_jax.codec import file_format
-from vdm_jax.codec import tables
 from vdm_jax.codec import images as codec_images
+from vdm_jax.codec import tables
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax.model import vdm
 
@@ -33,11 +37,15 @@ def tiny_model(vocab_size=17, channels=1, size=4, seed=0):
   return model, params
 
 
+BITS_BACK = dict(conventional_images=0, fallback=False)  # pseudo-random initial bits only
+
+
 def round_trip(images, vocab_size=17, batch_size=2, **kwargs):
   model, params = tiny_model(vocab_size, images.shape[-1], images.shape[1])
-  data, report = coder.compress(model, params, images, timesteps=T,
-                                batch_size=batch_size, **kwargs)
-  decoded = coder.decompress(model, params, data)
+  kwargs = {**BITS_BACK, **kwargs}
+  data, report = compressor.compress(model, params, images, timesteps=T,
+                                     batch_size=batch_size, **kwargs)
+  decoded = compressor.decompress(model, params, data)
   np.testing.assert_array_equal(decoded, images)
   assert decoded.dtype == np.uint8
   return data, report
@@ -77,86 +85,223 @@ def test_round_trip_larger_first_group():
   round_trip(random_images(7), batch_size=4, first_group=3)
 
 
+# ------------------------------------------------------------------ kinds of file
+def test_mixed_file_round_trip_and_its_stack_bottom():
+  """Two images conventional beneath three bits-back coded: the bits-back images' pops
+  read the conventional bytes, so no pseudo-random seed word is stored."""
+  images = random_images(5)
+  data, report = round_trip(images, conventional_images=2, first_images=2)
+  header = compressor.read_header(data)
+  assert (header.conventional_images, sum(header.group_sizes)) == (2, 3)
+  assert report.conventional_images == 2 and 0 < report.conventional_bits
+  assert header.untouched_words == header.seed_words and report.initial_bits == 0
+  assert report.payload_bits + report.header_bits == 8 * len(data)
+
+
+def test_conventional_file_when_shorter():
+  """An untrained model codes random images at ~40 bpd: the file keeps their
+  conventional code, and decoding it needs no network."""
+  images = random_images(4)
+  model, params = tiny_model()
+  data, report = compressor.compress(model, params, images, timesteps=T)
+  method, code = conventional.encode_set(images.astype(np.int64), 17)
+  header = compressor.read_header(data)
+  assert (header.conventional, header.conventional_images) == (method, 4)
+  assert len(data) == len(code) + report.header_bits // 8 and report.header_bits <= 8 * 24
+  assert report.method.startswith('conventional')
+  np.testing.assert_array_equal(compressor.decompress(None, None, data), images)
+
+
+def test_prefix_images_covers_the_bits():
+  images = random_images(40).astype(np.int64)
+  size = lambda k: 8 * len(conventional.encode_set(images[:k], 17)[1])
+  for bits in (1, size(5), size(5) + 1, size(17)):
+    k = compressor.prefix_images(images, 17, bits)
+    assert size(k) >= bits and (k == 1 or size(k - 1) < bits), (bits, k)
+  assert compressor.prefix_images(images, 17, 10 * size(40)) == 40
+
+
+@pytest.mark.parametrize('length', [1, 2, 3, 4, 5, 8, 9])
+def test_stacked_words_round_trip(length):
+  data = bytes(range(7, 7 + length))
+  words = compressor.stacked_words(data)
+  assert words[-1] != 0 and len(words) in ((length + 3) // 4, (length + 3) // 4 + 1)
+  assert compressor.unstacked_bytes(words, length) == data
+  with pytest.raises(file_format.DecodeCheckError):
+    compressor.unstacked_bytes(np.concatenate([words, [5]]).astype(np.uint32), length)
+
+
+def test_a_zero_top_word_gets_a_word_above():
+  # The bytes whose whitened first word is 0: the stack needs a non-zero top word.
+  data = file_format.seed_words(1, compressor._WHITENING).astype('<u4').tobytes()
+  words = compressor.stacked_words(data)
+  assert list(words) == [0, 1] and compressor.unstacked_bytes(words, 4) == data
+
+
+def test_progress_counts_every_step_of_every_image(monkeypatch):
+  bars = []
+
+  class Bar:
+    def __init__(self, total, **kwargs):
+      self.total, self.done = total, 0
+      bars.append(self)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def update(self, images):
+      self.done += images
+
+  monkeypatch.setattr(compressor.tqdm, 'tqdm', Bar)
+  model, params = tiny_model()
+  data, _ = compressor.compress(model, params, random_images(3), timesteps=T,
+                                batch_size=2, progress=True, **BITS_BACK)
+  compressor.decompress(model, params, data, progress=True)
+  assert [(b.total, b.done) for b in bars] == [(3 * T, 3 * T)] * 2
+
+
 # ------------------------------------------------------------------ errors
+KINDS = {'bits-back': BITS_BACK, 'mixed': dict(conventional_images=1, fallback=False),
+         'conventional': dict(conventional_images=3)}
+
+
 @pytest.fixture(scope='module')
-def encoded():
+def files():
+  """One file of each kind of the same three images, with its step recorded."""
   images = random_images(3)
   model, params = tiny_model()
-  data, _ = coder.compress(model, params, images, timesteps=T, batch_size=2)
-  return images, data
+  return images, {kind: compressor.compress(model, params, images, timesteps=T,
+                                            batch_size=2, step=1234, **kwargs)[0]
+                  for kind, kwargs in KINDS.items()}
 
 
-def test_other_parameters_are_refused(encoded):
-  _, data = encoded
+def test_each_kind_decodes(files):
+  images, data = files
+  model, params = tiny_model()
+  for kind, file in data.items():
+    np.testing.assert_array_equal(compressor.decompress(model, params, file), images)
+    header = compressor.read_header(file)
+    assert header.conventional_images == {'bits-back': 0, 'mixed': 1, 'conventional': 3}[kind]
+
+
+def test_header_is_short(files):
+  """Fingerprints of 4 bytes and variable-length integers: under 64 bytes, 24 for a
+  conventional file."""
+  _, data = files
+  sizes = {kind: len(file) - _payload_length(file) for kind, file in data.items()}
+  assert sizes['conventional'] <= 24 and max(sizes.values()) <= 64, sizes
+
+
+def _payload_length(data: bytes) -> int:
+  return len(file_format.unpack(data)[1])
+
+
+def test_other_parameters_are_refused_naming_the_step(files):
+  _, data = files
   model, params = tiny_model()
   other = jax.tree.map(lambda p: p + 1e-3, params)
-  with pytest.raises(file_format.MismatchError, match='parameters'):
-    coder.decompress(model, other, data)
+  for kind in ('bits-back', 'mixed'):
+    with pytest.raises(file_format.MismatchError, match='step 1234.*step 99'):
+      compressor.decompress(model, other, data[kind], step=99)
 
 
-def test_other_model_config_is_refused(encoded):
-  _, data = encoded
+def test_other_model_config_is_refused(files):
+  _, data = files
   model, params = tiny_model()
   cfg = test_config.get_config().model
   cfg.n_embd = 4
   other = vdm.VDM.from_config(cfg)
   with pytest.raises(file_format.MismatchError, match='another model'):
-    coder.decompress(other, params, data)
+    compressor.decompress(other, params, data['mixed'])
 
 
 @pytest.mark.parametrize('setting', ['timesteps', 'resolution', 'first_resolution',
                                      'first_images', 'support'])
-def test_other_coding_settings_are_refused(encoded, setting):
-  _, data = encoded
+def test_other_coding_settings_are_refused(files, setting):
+  _, data = files
   model, params = tiny_model()
-  header = coder.read_header(data)
+  header = compressor.read_header(data['bits-back'])
   with pytest.raises(file_format.MismatchError, match=setting):
-    coder.decompress(model, params, data, **{setting: getattr(header, setting) + 1})
+    compressor.decompress(model, params, data['bits-back'],
+                          **{setting: getattr(header, setting) + 1})
 
 
-def test_truncated_file_is_refused(encoded):
-  _, data = encoded
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_truncated_or_extended_file_is_refused(files, kind):
+  data = files[1][kind]
   model, params = tiny_model()
-  for cut in (1, 4, len(data) // 2, len(data) - 3):
-    with pytest.raises(file_format.CorruptFileError, match='Truncated|truncated'):
-      coder.decompress(model, params, data[:cut] if cut > 4 else data[:-cut])
+  for cut in (1, 4, 7, len(data) // 2, len(data) - 1):
+    with pytest.raises(file_format.CorruptFileError, match='Truncated|truncated|Not a'):
+      compressor.decompress(model, params, data[:cut])
+  with pytest.raises(file_format.CorruptFileError, match='truncated or altered'):
+    compressor.decompress(model, params, data + b'\0\0\0\0')
 
 
-def test_altered_bytes_are_refused(encoded):
-  _, data = encoded
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_every_altered_byte_is_refused(files, kind):
+  data = files[1][kind]
   model, params = tiny_model()
-  for position, what in ((len(data) - 2, 'payload'), (40, 'header'), (0, 'Not a')):
+  for position in range(len(data)):
     altered = bytearray(data)
-    altered[position] ^= 0x10
-    with pytest.raises(file_format.CorruptFileError, match=what):
-      coder.decompress(model, params, bytes(altered))
+    altered[position] ^= 0x04
+    with pytest.raises(file_format.CorruptFileError):
+      compressor.decompress(model, params, bytes(altered))
 
 
-def test_other_environment_is_refused(encoded, monkeypatch):
-  _, data = encoded
+def _with_checksum(data: bytes, original: bytes) -> bytes:
+  """`data` (an altered `original`) with its checksum made to match again."""
+  start = len(original) - _payload_length(original) - file_format.CHECKSUM_BYTES
+  head, payload = data[:start], data[start + file_format.CHECKSUM_BYTES:]
+  return head + file_format._checksum(head, payload) + payload
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_altered_payload_with_a_valid_checksum_never_gives_wrong_images(files, kind):
+  """Beyond the checksum: a payload altered anywhere, checksum recomputed, is refused by
+  the stack or image checks (DecodeCheckError), or fails to parse, never decoded."""
+  images, data = files
+  original = data[kind]
+  model, params = tiny_model()
+  payload = _payload_length(original)
+  for position in sorted({len(original) - payload, len(original) - payload // 2,
+                          len(original) - 1}):
+    altered = bytearray(original)
+    altered[position] ^= 0x01
+    with pytest.raises(file_format.CodecError):
+      compressor.decompress(model, params, _with_checksum(bytes(altered), original))
+
+
+def test_other_environment_is_refused(files, monkeypatch):
+  _, data = files
   model, params = tiny_model()
   monkeypatch.setattr(file_format, 'environment', lambda: 'jax 0.0; other device')
   with pytest.raises(file_format.MismatchError, match='other device'):
-    coder.decompress(model, params, data)
+    compressor.decompress(model, params, data['mixed'])
+  # A conventional file needs no network: it decodes anywhere.
+  compressor.decompress(model, params, data['conventional'])
 
 
-def test_different_network_outputs_never_give_silent_images(encoded, monkeypatch):
+@pytest.mark.parametrize('kind', ['bits-back', 'mixed'])
+def test_different_network_outputs_never_give_silent_images(files, kind, monkeypatch):
   # As if the decoder's device computed ε̂ one float32 ulp differently.
-  images, data = encoded
+  _, data = files
   model, params = tiny_model()
   original = coder.Network.eps_hat
   monkeypatch.setattr(coder.Network, 'eps_hat', lambda self, z, g, b: np.nextafter(
       original(self, z, g, b).astype(np.float32), np.float32(np.inf)).astype(np.float64))
-  with pytest.raises(file_format.CodecError):
-    coder.decompress(model, params, data)
+  with pytest.raises(file_format.DecodeCheckError):
+    compressor.decompress(model, params, data[kind])
 
 
 def test_bad_images_are_refused():
   model, params = tiny_model()
   with pytest.raises(file_format.CodecError, match='0..16'):
-    coder.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
+    compressor.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
   with pytest.raises(file_format.CodecError, match=r'\[N, H, W, C\]'):
-    coder.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
+    compressor.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
 
 
 # ------------------------------------------------------------------ rates
@@ -165,15 +310,15 @@ def test_stream_matches_the_information_content():
   24-bit quantisation and leaks cost well under 0.1 % (here ~5e5 bits in all)."""
   model, params = tiny_model()
   images = random_images(8)
-  _, report = coder.compress(model, params, images, timesteps=20, batch_size=8,
-                             ideal_bits=True)
+  _, report = compressor.compress(model, params, images, timesteps=20, batch_size=8,
+                                  ideal_bits=True, **BITS_BACK)
   ideal = report.ideal_bits.sum()
   assert abs(report.net_bits - ideal) < 1e-3 * ideal + 64
   assert report.initial_bits > 0
 
 
 class ExactSampler:
-  """Stands in for coder._Coder: pops draw from the quantised Gaussians with numpy's
+  """Stands in for coder.AnsStack: pops draw from the quantised Gaussians with numpy's
   generator instead of reading the stack, pushes only add up −log2 P. The scheme's
   arithmetic (grids, references, means, variances) is the coder's own."""
 
@@ -243,8 +388,8 @@ def test_net_rate_on_an_untrained_model_is_near_the_bound():
   model, params = tiny_model()
   images = random_images(16)
   steps = 100
-  _, report = coder.compress(model, params, images, timesteps=steps, batch_size=16,
-                             ideal_bits=True)
+  _, report = compressor.compress(model, params, images, timesteps=steps, batch_size=16,
+                                  ideal_bits=True, **BITS_BACK)
   bound = codec_tools.discrete_bound(model, params, images, steps, batch_size=16)
   diff = report.ideal_bits - bound
   stderr = diff.std(ddof=1) / math.sqrt(len(diff))
@@ -268,3 +413,28 @@ def test_image_files_round_trip(tmp_path):
     np.testing.assert_array_equal(codec_images.load_images(path), images)
   np.savez(tmp_path / 'split.npz', test=images[:, :, :, :1])
   assert codec_images.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)
+
+
+# ------------------------------------------------------------------ older formats
+FIXTURES = pathlib.Path(__file__).parent / 'data'
+
+
+def test_version_1_file_still_decodes():
+  """tests/data/codec_v1.vdmc: random_images(3) written by the version-1 encoder with
+  tiny_model(), T = 3, batch 2, first_images 2 (groups of 1 and 2 images)."""
+  model, params = tiny_model()
+  data = (FIXTURES / 'codec_v1.vdmc').read_bytes()
+  assert data[4] == 1
+  np.testing.assert_array_equal(compressor.decompress(model, params, data), random_images(3))
+
+
+def test_every_altered_byte_of_a_version_1_file_is_refused():
+  """Its header digest and payload hash catch every change before any decoding."""
+  data = (FIXTURES / 'codec_v1.vdmc').read_bytes()
+  for i in range(len(data)):
+    altered = bytearray(data)
+    altered[i] ^= 0x10
+    with pytest.raises(file_format.CorruptFileError):
+      compressor.read_header(bytes(altered))
+  with pytest.raises(file_format.CorruptFileError):
+    compressor.read_header(data[:-4])

@@ -1,9 +1,14 @@
-"""The CPU compiler options change the schedule of the arithmetic, not its result."""
+"""The CPU compiler options change the schedule of the arithmetic, not its result; the
+persistent compilation cache's folder."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from vdm_jax import errors
 from vdm_jax.runtime import compiler
 
 
@@ -33,3 +38,19 @@ def test_options_keep_conv_values_and_gradients_to_float_rounding():
 def test_options_only_on_cpu():
   options = compiler.compiler_options()
   assert (options != {}) == (jax.default_backend() == 'cpu')
+
+
+def test_cache_dir_follows_the_flag_then_the_environment(monkeypatch, tmp_path):
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'env'))
+  assert compiler.cache_dir(str(tmp_path / 'flag')) == str(tmp_path / 'flag')
+  assert compiler.cache_dir('') is None
+  assert compiler.cache_dir(None) == str(tmp_path / 'env')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert compiler.cache_dir(None).endswith(os.path.join('vdm_jax', 'jax'))
+
+
+def test_cache_folder_that_cannot_be_made_is_an_input_error(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  with pytest.raises(errors.InputError, match='--compilation_cache'):
+    compiler.use_persistent_cache(str(blocker / 'cache'))

@@ -38,6 +38,7 @@ from vdm_jax.evaluation import sample_quality
 from vdm_jax.evaluation import sampling
 from vdm_jax import original
 from vdm_jax import reporting
+from vdm_jax.runtime import compiler
 from vdm_jax.runtime import host_memory
 from vdm_jax.runtime import parallel
 from vdm_jax.training import train
@@ -61,6 +62,10 @@ flags.DEFINE_string('output', None, 'For --mode=compress: the compressed file; f
 flags.DEFINE_bool('overwrite', False, 'For --mode=compress and decompress: replace an '
                   'existing --output (a folder: its files of the same names).')
 flags.DEFINE_bool('verbose', False, 'Show the traceback of every error.')
+flags.DEFINE_string('compilation_cache', None, "Folder of JAX's persistent compilation "
+                    'cache (a second run of the same model starts without compiling); '
+                    'default $JAX_COMPILATION_CACHE_DIR, else vdm_jax/jax in the user\'s '
+                    'cache folder; empty: no cache.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -168,6 +173,7 @@ def main(argv):
       config.to_dict()  # ml_collections loads the file on first use
     except Exception as e:  # pylint: disable=broad-except
       reporting.exit_with(reporting.describe_config_error(e, sys.argv), FLAGS.verbose, e)
+    compiler.use_persistent_cache(compiler.cache_dir(FLAGS.compilation_cache))
     MODES[FLAGS.mode](config)
 
 

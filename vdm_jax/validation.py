@@ -232,8 +232,8 @@ def _check_ode_fields(config) -> list[str]:
 
 
 def _check_codec_fields(c) -> list[str]:
-  """config.codec (vdm_jax/codec/coder.py). A file's header holds T and first_images in
-  32 bits, the others in 16 (vdm_jax/codec/file_format.py)."""
+  """config.codec (vdm_jax/codec/compressor.py): positive, within 32 bits for T and
+  first_images and 16 bits for the others, bounds no useful setting reaches."""
   errors = []
   for name, low, high in (('timesteps', 1, 2**32 - 1), ('batch_size', 1, 2**16 - 1),
                           ('first_group', 1, None), ('resolution', 1, 2**16 - 1),

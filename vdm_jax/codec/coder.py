@@ -1,4 +1,4 @@
-"""Lossless compression with a VDM: bits-back coding with the discrete-time model.
+"""Bits-back coding of images with the discrete-time model on an ANS stack (§9).
 
 docs/maths.md §9. The latent-variable model p(z_1) Π_i p(z_{i-1} | z_i) p(x | z_0) of T
 steps (z_i at t = i/T), with the forward chain as the approximate posterior, coded on an
@@ -9,16 +9,13 @@ ANS stack (constriction) in the order that needs initial bits only for the first
              push z_T ~ N(0, I).
     decode:  the same steps in reverse, pushes and pops exchanged.
 
-    data, report = coder.compress(model, params, images, timesteps=400)
-    images = coder.decompress(model, params, data)
-
 Latents live on grids z_i = k_i·δ_i, δ_i a fixed fraction of the standard deviations
 coded at level i, and are coded as integer offsets from a reference point that the
 decoder can compute. The network sees the grid values, so encoder and decoder compute
 the same ε̂ bit for bit. Images are coded in groups, one batched network call per step
-per group; the first group is small because its first pops take the initial bits
-(9 to 14 bits per dimension and image) from a fixed pseudo-random seed, and each later
-group is as large as the bits already on the stack allow (bounded by the batch).
+per group; each group is as large as the bits already on the stack allow its first
+pops to take without digging below a floor (bounded by the batch). compressor.py puts
+the images in files.
 """
 
 import math
@@ -49,7 +46,8 @@ def bucket(group: int, batch_size: int) -> int:
 class Network:
   """The two jitted calls, fixed shapes per bucket: ε̂(z_i, γ_i) and p(x | z_0)."""
 
-  def __init__(self, model, params, image_shape, vocab_size: int, gamma_0: float):
+  def __init__(self, model, params, image_shape, vocab_size: int, gamma_0: float,
+               compiler_options: Optional[dict] = None):
     self.params = params
     self.image_shape = tuple(image_shape)
     self.seconds = 0.0
@@ -64,8 +62,8 @@ class Network:
       u = z0 / jnp.sqrt(nn.sigmoid(-g0))  # u = z_0/α_0 (§3)
       return jax.nn.softmax(vdm.decoder_logits(u, g0, vocab_size), axis=-1)
 
-    self._eps_hat = jax.jit(eps_hat)
-    self._x_probs = jax.jit(x_probs)
+    self._eps_hat = jax.jit(eps_hat, compiler_options=compiler_options)
+    self._x_probs = jax.jit(x_probs, compiler_options=compiler_options)
 
   def _padded(self, z: np.ndarray, batch: int) -> np.ndarray:
     out = np.zeros((batch,) + self.image_shape, np.float32)
@@ -97,7 +95,7 @@ def _embed(x: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ one group
-class _Coder:
+class AnsStack:
   """An ANS stack with the scheme's pops and pushes; times the entropy coding and
   tracks the lowest stack level. With `ideal_bits=N` it also adds up each image's
   information content −log2 P under the models coded (pushes minus pops)."""
@@ -173,8 +171,8 @@ def _gauss_bits(off, mean, std, half) -> np.ndarray:
   return -np.log2(np.maximum(mass / total, 2.0**-24))
 
 
-def encode_group(coder: _Coder, net: Network, tab: tables.CodingTable, x: np.ndarray,
-                 vocab_size: int, batch: int) -> None:
+def encode_group(coder: AnsStack, net: Network, tab: tables.CodingTable, x: np.ndarray,
+                 vocab_size: int, batch: int, advance=None) -> None:
   """Pushes the images x [g, D] onto the stack (the encoding order of §9)."""
   T = tab.timesteps
   mean = tab.q_coef[0] * _embed(x, vocab_size)
@@ -189,12 +187,14 @@ def encode_group(coder: _Coder, net: Network, tab: tables.CodingTable, x: np.nda
     coder.push(k, tab.p_half[i - 1], np.rint(centre), centre - tab.p_eps[i - 1] * eps,
                tab.p_std[i - 1])
     k = k_next
+    if advance:
+      advance(len(x))
   zero = np.zeros(k.shape)
   coder.push(k, tab.p_half[T], zero, zero, tab.p_std[T])
 
 
-def decode_group(coder: _Coder, net: Network, tab: tables.CodingTable, shape,
-                 vocab_size: int, batch: int) -> np.ndarray:
+def decode_group(coder: AnsStack, net: Network, tab: tables.CodingTable, shape,
+                 vocab_size: int, batch: int, advance=None) -> np.ndarray:
   """Pops g images [g, D] off the stack: encode_group run backwards."""
   T = tab.timesteps
   zero = np.zeros(shape)
@@ -207,6 +207,8 @@ def decode_group(coder: _Coder, net: Network, tab: tables.CodingTable, shape,
     mean = tab.q_coef[i] * k_prev
     coder.push(k, tab.q_half[i], np.rint(mean), mean, tab.q_std[i])
     k = k_prev
+    if advance:
+      advance(shape[0])
   x = coder.pop_x(net.x_probs(_grid_values(k, tab.delta[0]), batch))
   x = x.astype(np.int64).reshape(shape)
   mean = tab.q_coef[0] * _embed(x, vocab_size)
@@ -214,157 +216,53 @@ def decode_group(coder: _Coder, net: Network, tab: tables.CodingTable, shape,
   return x
 
 
-# ------------------------------------------------------------------ files
-def _check_images(images, vocab_size: int) -> np.ndarray:
-  images = np.asarray(images)
-  if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not len(images):
-    raise file_format.CodecError(
-        f'images must be a non-empty integer array [N, H, W, C], got {images.dtype} '
-        f'{images.shape}.')
-  if images.min() < 0 or images.max() >= vocab_size:
-    raise file_format.CodecError(
-        f'image values must lie in 0..{vocab_size - 1} (the model\'s vocab_size), got '
-        f'{images.min()}..{images.max()}.')
-  return images.astype(np.int64)
 
 
-def _first_pops_bits(tab: tables.CodingTable, dims: int) -> float:
+# ------------------------------------------------------------------ groups
+def first_pops_bits(tab: tables.CodingTable, dims: int) -> float:
   """Expected bits of an image's first two pops (z_0, z_1): its dip before any push."""
   return dims * (math.log2(tab.q_std[0] * tab.q_std[1]) + math.log2(2 * math.pi * math.e))
 
 
-def _seed_size(tab: tables.CodingTable, dims: int, first_group: int) -> int:
-  """Seed words for the first group's dip: its first two pops' supports, twice."""
-  bits = dims * first_group * (math.log2(2 * tab.q_half[0] + 1) +
-                               math.log2(2 * tab.q_half[1] + 1))
-  return int(2 * bits / 32) + 64
+def _table(position: int, first_images: int) -> int:
+  """Which table codes the group starting at bits-back image `position`."""
+  return int(position >= first_images)
 
 
-def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 64,
-             first_group: int = 1, resolution: int = 8, first_resolution: int = 2,
-             first_images: int = 8, support: int = 8, ideal_bits: bool = False) -> tuple[bytes, file_format.Report]:
-  """Codes uint8/integer images [N, H, W, C] into one file (§9); returns (file, report).
+def encode_images(coder: AnsStack, net: Network, tabs, flat: np.ndarray, vocab_size: int,
+                  batch_size: int, first_group: int, first_images: int, floor: int,
+                  advance=None) -> tuple:
+  """Pushes the images flat [n, D] group by group; returns the group sizes.
 
-  timesteps: T of the discrete-time model. batch_size: largest network batch.
-  first_group: images in the first group, whose pops take the initial bits.
-  resolution: grid bins per standard deviation; first_resolution: the same for the
-  groups that start before image `first_images`, coarser so that their first pops need
-  fewer initial bits until the stack holds enough (a coarse grid changes each KL by a
-  relative δ²/(12σ²), on those images only); support: pop supports in stds.
-  ideal_bits: also report each image's information content under the models coded
-  (for paired comparisons with the bound; costs extra arithmetic).
+  Each group is as large as the bits above `floor` allow its images' first pops to
+  take at once (at least `first_group` images for the first), measured on the groups
+  coded before with the same table (§9); what digs below the floor lowers it.
   """
-  start = time.perf_counter()
-  vocab = int(model.config.vocab_size)
-  images = _check_images(images, vocab)
-  n, shape = len(images), images.shape[1:]
-  dims = math.prod(shape)
-  gamma = tables.gamma_grid(model, params, timesteps)
-  tabs = (tables.coding_table(gamma, first_resolution, support),
-          tables.coding_table(gamma, resolution, support))
-  net = Network(model, params, shape, vocab, gamma[0])
-  seed_size = _seed_size(tabs[0], dims, min(first_group, n))
-  flat = images.reshape(n, dims)
-  while True:
-    seed = file_format.seed_words(seed_size)
-    coder = _Coder(seed, ideal_bits=n if ideal_bits else None)
-    seed_bits = coder.bits()
-    floor, groups, pos = coder.bits(), [], 0
-    dips = [None, None]  # Largest dip per image measured with each table.
-    g = max(1, min(first_group, n, batch_size))
-    while pos < n:
-      before = coder.bits()
-      coder.group_min_bits = before
-      coder.image_offset = pos
-      t = int(pos >= first_images)
-      encode_group(coder, net, tabs[t], flat[pos:pos + g], vocab, bucket(g, batch_size))
-      dips[t] = max(dips[t] or 0.0, (before - coder.group_min_bits) / g)
-      floor = min(floor, coder.group_min_bits)
-      groups.append(g)
-      pos += g
-      t = int(pos >= first_images)
-      dip = dips[t] or 1.25 * _first_pops_bits(tabs[t], dims)
-      g = int(min(batch_size, n - pos, max(1, (coder.bits() - floor) // max(dip, 1.0))))
-    if coder.min_words > 4:
-      break
-    seed_size *= 4  # The seed ran dry: its draws were not from q. Start again.
-  final = coder.ans.get_compressed()
-  untouched = coder.min_words - 2
-  while untouched > 0 and not np.array_equal(final[:untouched], seed[:untouched]):
-    untouched -= 1
-  payload = final[untouched:]
-  header = file_format.Header(
-      config_hash=file_format.config_hash(model.config),
-      params_hash=file_format.params_hash(params), table_hash=_tables_digest(tabs),
-      timesteps=timesteps, resolution=resolution, first_resolution=first_resolution,
-      first_images=first_images, support=support, num_images=n,
-      image_shape=tuple(shape), vocab_size=vocab, batch_size=batch_size,
-      seed_words=seed_size, untouched_words=untouched, payload_words=len(payload),
-      payload_hash=file_format.digest(np.asarray(payload, '<u4').tobytes()),
-      images_hash=file_format.images_hash(images), group_sizes=tuple(groups),
-      environment=file_format.environment())
-  data = file_format.pack(header, payload)
-  report = file_format.Report(
-      num_images=n, dims_per_image=dims, timesteps=timesteps,
-      net_bits=coder.bits() - seed_bits,
-      initial_bits=32 * (seed_size - untouched), payload_bits=32 * len(payload),
-      header_bits=8 * (len(data) - 4 * len(payload)), group_sizes=tuple(groups),
-      seconds_network=net.seconds, seconds_coding=coder.seconds,
-      seconds_total=time.perf_counter() - start, ideal_bits=coder.ideal)
-  return data, report
+  n, dims = flat.shape
+  groups, pos, dips = [], 0, [None, None]
+  while pos < n:
+    t = _table(pos, first_images)
+    dip = dips[t] or 1.25 * first_pops_bits(tabs[t], dims)
+    fits = (coder.bits() - floor) // max(dip, 1.0)
+    g = int(min(batch_size, n - pos, max(first_group if not pos else 1, fits)))
+    before = coder.group_min_bits = coder.bits()
+    coder.image_offset = pos
+    encode_group(coder, net, tabs[t], flat[pos:pos + g], vocab_size,
+                 bucket(g, batch_size), advance)
+    dips[t] = max(dips[t] or 0.0, (before - coder.group_min_bits) / g)
+    floor = min(floor, coder.group_min_bits)
+    groups.append(g)
+    pos += g
+  return tuple(groups)
 
 
-def _tables_digest(tabs) -> bytes:
-  return file_format.digest(*(t.digest() for t in tabs))
-
-
-def read_header(data: bytes) -> file_format.Header:
-  return file_format.unpack(data)[0]
-
-
-def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
-               resolution: Optional[int] = None, first_resolution: Optional[int] = None,
-               first_images: Optional[int] = None, support: Optional[int] = None,
-               allow_other_environment: bool = False,
-               timings: Optional[dict] = None) -> np.ndarray:
-  """The images [N, H, W, C] of a file written by `compress`, bit-exact, in order.
-
-  The coding settings come from the file; those given here must agree with it.
-  `timings`, if a dict, receives seconds_network, seconds_coding and seconds_total.
-  Raises file_format.CorruptFileError, MismatchError or DecodeCheckError.
-  """
-  start = time.perf_counter()
-  header, payload = file_format.unpack(data)
-  settings = dict(timesteps=timesteps, resolution=resolution,
-                  first_resolution=first_resolution, first_images=first_images,
-                  support=support)
-  gamma = tables.gamma_grid(model, params, header.timesteps)
-  tabs = (tables.coding_table(gamma, header.first_resolution, header.support),
-          tables.coding_table(gamma, header.resolution, header.support))
-  file_format.check_model(header, file_format.config_hash(model.config),
-                           file_format.params_hash(params), settings, _tables_digest(tabs),
-                           allow_other_environment)
-  vocab, shape = header.vocab_size, header.image_shape
-  dims = math.prod(shape)
-  net = Network(model, params, shape, vocab, gamma[0])
-  seed = file_format.seed_words(header.seed_words)
-  coder = _Coder(np.concatenate([seed[:header.untouched_words], payload]))
-  images = np.zeros((header.num_images, dims), np.int64)
-  ends = np.cumsum(header.group_sizes)
-  if not len(ends) or ends[-1] != header.num_images:
-    raise file_format.CorruptFileError('The group sizes do not add up to N.')
-  for g, end in zip(header.group_sizes[::-1], ends[::-1]):
-    images[end - g:end] = decode_group(coder, net, tabs[int(end - g >= header.first_images)],
-                                       (g, dims), vocab,
-                                       bucket(g, header.batch_size))
-  images = images.reshape((header.num_images,) + tuple(shape))
-  if (not np.array_equal(coder.ans.get_compressed(), seed)
-      or file_format.images_hash(images) != header.images_hash):
-    raise file_format.DecodeCheckError(
-        'Decoding did not reproduce the encoder\'s stream and images: the network '
-        'outputs here differ from the encoder\'s (other device or software: '
-        f'file "{header.environment}", here "{file_format.environment()}").')
-  if timings is not None:
-    timings.update(seconds_network=net.seconds, seconds_coding=coder.seconds,
-                   seconds_total=time.perf_counter() - start)
-  return images.astype(np.uint8 if vocab <= 256 else np.int32)
+def decode_images(coder: AnsStack, net: Network, tabs, groups, dims: int, vocab_size: int,
+                  batch_size: int, first_images: int, advance=None) -> np.ndarray:
+  """Pops the images [sum(groups), D] of `encode_images`, last group first."""
+  ends = np.cumsum(groups)
+  images = np.zeros((int(ends[-1]), dims), np.int64)
+  for g, end in zip(groups[::-1], ends[::-1]):
+    images[end - g:end] = decode_group(coder, net, tabs[_table(end - g, first_images)],
+                                       (g, dims), vocab_size, bucket(g, batch_size),
+                                       advance)
+  return images

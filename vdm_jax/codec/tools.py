@@ -1,4 +1,4 @@
-"""Around the bits-back codec (vdm_jax/codec/coder.py): the bound it approaches and the
+"""Around the codec (vdm_jax/codec/compressor.py): the bound it approaches and the
 `--mode=compress` / `--mode=decompress` commands (image files: images.py; their paths:
 paths.py).
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.codec import coder
+from vdm_jax.codec import compressor
 from vdm_jax.codec import file_format
 from vdm_jax.codec import images as images_lib
 from vdm_jax.codec import paths
@@ -32,7 +32,7 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
   L_recon averaged over `recon_draws` draws of ε_0. γ(i/T) as in `compress`.
   """
   vocab = int(model.config.vocab_size)
-  images = coder._check_images(images, vocab)
+  images = compressor.check_images(images, vocab)
   n = len(images)
   gam = jnp.asarray(tables.gamma_grid(model, params, timesteps), jnp.float32)
   batch = min(batch_size, n)
@@ -70,17 +70,17 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
 
 # ------------------------------------------------------------------ commands
 def _restored(config, workdir: str):
-  """(run, params) of the workdir's newest checkpoint, the parameters that evaluation
-  uses (EMA unless config.eval.use_ema is False)."""
+  """(run, params, step) of the workdir's newest checkpoint, with the parameters that
+  evaluation uses (EMA unless config.eval.use_ema is False)."""
   from vdm_jax import build  # pylint: disable=g-import-not-at-top
   run, state = build.restore(config, workdir)
-  return run, run.eval_params(state)
+  return run, run.eval_params(state), int(state.step)
 
 
 def restore(config, workdir: str):
-  """(model, params) of the workdir's newest checkpoint (see _restored)."""
-  run, params = _restored(config, workdir)
-  return run.model, params
+  """(model, params, step) of the workdir's newest checkpoint (see _restored)."""
+  run, params, step = _restored(config, workdir)
+  return run.model, params, step
 
 
 def _named(input_path: str, error: file_format.CodecError) -> file_format.CodecError:
@@ -96,7 +96,7 @@ def fit_images(images: np.ndarray, run, input_path: str) -> np.ndarray:
   h, w, c = run.image_shape
   where = f'--input={input_path}'
   try:
-    images = coder._check_images(images, run.config.model.vocab_size)
+    images = compressor.check_images(images, run.config.model.vocab_size)
   except file_format.CodecError as e:
     raise _named(input_path, e) from e
   if images.shape[-1] != c:
@@ -137,12 +137,12 @@ def compress_command(config, workdir: str, input_path: str, output_path: str,
   paths.check(input_path, output, images=True)
   with output.writing() as tmp:
     images = images_lib.load_images(input_path, config.eval.split)
-    run, params = _restored(config, workdir)
+    run, params, step = _restored(config, workdir)
     images = fit_images(images, run, input_path)
-    data, report = coder.compress(run.model, params, images,
-                                  batch_size=config.codec.batch_size,
-                                  first_group=config.codec.first_group,
-                                  **codec_kwargs(config))
+    data, report = compressor.compress(
+        run.model, params, images, batch_size=config.codec.batch_size,
+        first_group=config.codec.first_group, step=step, progress=True,
+        **codec_kwargs(config))
     with open(tmp, 'wb') as f:
       f.write(data)
   return f'{output_path}: {report.summary()}'
@@ -158,16 +158,17 @@ def decompress_command(config, workdir: str, input_path: str, output_path: str,
     with open(input_path, 'rb') as f:
       data = f.read()
     try:
-      header = coder.read_header(data)
+      header = compressor.read_header(data)
     except file_format.CodecError as e:
       raise _named(input_path, e) from e
     if output.folder and (header.vocab_size > 256 or header.image_shape[-1] > 4):
       raise file_format.CodecError(
           f'--input={input_path} holds images of {header.image_shape[-1]} channel(s) with '
           f'{header.vocab_size} values, more than PNG files hold; give a .npz --output.')
-    model, params = restore(config, workdir)
+    model, params, step = restore(config, workdir)
     try:
-      images = coder.decompress(model, params, data, **codec_kwargs(config))
+      images = compressor.decompress(model, params, data, step=step, progress=True,
+                                     **codec_kwargs(config))
     except file_format.CodecError as e:
       raise _named(input_path, e) from e
     (images_lib.save_pngs if output.folder else images_lib.save_npz)(images, tmp)
