@@ -5,11 +5,14 @@ and the `--mode=compress` / `--mode=decompress` commands.
       --input=images.npz --output=images.vdmc
   python -m vdm_jax.main --config=configs/mnist.py --workdir=W --mode=decompress \
       --input=images.vdmc --output=decoded.npz
+
+Inputs and outputs may be local paths or gs:// paths (through etils.epath).
 """
 
+import io
 import math
-import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ from vdm_jax.codec import coder
 from vdm_jax.codec import file_format
 from vdm_jax.codec import tables
 from vdm_jax.model import vdm
+from vdm_jax.runtime import gcs
 
 
 def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 64,
@@ -69,19 +73,20 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
 # ------------------------------------------------------------------ image files
 def load_images(path: str, split: str = 'test') -> np.ndarray:
   """uint8 [N, H, W, C] from a .npz (array `images`, else `split`) or a PNG folder."""
-  if os.path.isdir(path):
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith('.png'))
+  source = epath.Path(path)
+  if source.is_dir():
+    names = sorted(p.name for p in source.iterdir() if p.name.lower().endswith('.png'))
     if not names:
       raise file_format.CodecError(f'{path} holds no .png files.')
-    arrays = [np.asarray(Image.open(os.path.join(path, n))) for n in names]
+    arrays = [np.asarray(Image.open(io.BytesIO((source / n).read_bytes()))) for n in names]
     arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
     if len({a.shape for a in arrays}) > 1:
       raise file_format.CodecError(f'The PNG files in {path} differ in shape.')
     return np.stack(arrays).astype(np.uint8)
-  if not path.endswith('.npz') or not os.path.isfile(path):
+  if not path.endswith('.npz') or not source.is_file():
     raise file_format.CodecError(
         f'--input={path} is neither a .npz file nor a folder of PNG files.')
-  with np.load(path, allow_pickle=False) as npz:
+  with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as npz:
     key = 'images' if 'images' in npz.files else split
     if key not in npz.files:
       raise file_format.CodecError(
@@ -93,13 +98,17 @@ def load_images(path: str, split: str = 'test') -> np.ndarray:
 
 def save_images(images: np.ndarray, path: str) -> str:
   """To a .npz (array `images`) or, for any other path, a folder of PNG files."""
+  target = epath.Path(path)
   if path.endswith('.npz'):
-    np.savez(path, images=images)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images)
+    target.write_bytes(buffer.getvalue())
     return path
-  os.makedirs(path, exist_ok=True)
+  target.mkdir(parents=True, exist_ok=True)
   for i, image in enumerate(images):
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-        os.path.join(path, f'{i:06d}.png'))
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, 'PNG')
+    (target / f'{i:06d}.png').write_bytes(buffer.getvalue())
   return path
 
 
@@ -121,20 +130,27 @@ def codec_kwargs(config) -> dict:
 
 def compress_command(config, workdir: str, input_path: str, output_path: str) -> str:
   """--mode=compress: IMAGES (.npz or PNG folder) to one file; returns a summary."""
+  _check_access(input_path, output_path)
   images = load_images(input_path, config.eval.split)
   model, params = restore(config, workdir)
   data, report = coder.compress(model, params, images, batch_size=config.codec.batch_size,
                                 first_group=config.codec.first_group,
                                 **codec_kwargs(config))
-  with open(output_path, 'wb') as f:
-    f.write(data)
+  epath.Path(output_path).write_bytes(data)
   return f'{output_path}: {report.summary()}'
 
 
 def decompress_command(config, workdir: str, input_path: str, output_path: str) -> str:
   """--mode=decompress: one file back to IMAGES (.npz, or a folder of PNG files)."""
-  with open(input_path, 'rb') as f:
-    data = f.read()
+  _check_access(input_path, output_path)
+  data = epath.Path(input_path).read_bytes()
   model, params = restore(config, workdir)
   images = coder.decompress(model, params, data, **codec_kwargs(config))
   return f'{len(images)} images decoded to {save_images(images, output_path)}'
+
+
+def _check_access(input_path: str, output_path: str) -> None:
+  """Credentials and bucket of gs:// inputs and outputs, before anything runs."""
+  for flag, path in (('--input', input_path), ('--output', output_path)):
+    if gcs.is_gcs(path):
+      gcs.check_access(path, flag)

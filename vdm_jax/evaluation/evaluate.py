@@ -9,7 +9,6 @@ are reported beside it, and optionally the discrete-time bound L_T for given T.
 import math
 from typing import Any, Optional, Sequence
 
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,8 +126,7 @@ def evaluate_workdir(config, workdir, mesh=None) -> dict:
   bound, or the ODE's likelihood), the results written beside it."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
-  writer = metric_writers.create_default_writer(str(wd.path),
-                                                just_logging=jax.process_index() > 0)
+  writer = wd.metric_writer(just_logging=jax.process_index() > 0)
   try:
     if config.eval.estimator == 'ode':
       return _ode_and_write(run, state, wd, writer)

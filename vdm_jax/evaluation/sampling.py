@@ -3,7 +3,6 @@
 import math
 from typing import Any, Optional
 
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,8 +74,7 @@ def sample_workdir(config, workdir, mesh=None):
   """--mode=sample: a grid of samples from the newest checkpoint; returns the PNG path."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
-  writer = metric_writers.create_default_writer(str(wd.path),
-                                                just_logging=jax.process_index() > 0)
+  writer = wd.metric_writer(just_logging=jax.process_index() > 0)
   try:
     _, path = sample_and_save(run, run.eval_params(state), wd, int(state.step), writer)
   finally:

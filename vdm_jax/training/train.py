@@ -13,7 +13,6 @@ import signal
 import threading
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 import jax
@@ -212,8 +211,7 @@ def train_and_evaluate(config, workdir, *, mesh=None,
   with workdir_lock.hold(wd):
     tc = config.training
     manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True)
-    writer = metric_writers.create_default_writer(
-        str(wd.path), just_logging=jax.process_index() > 0)
+    writer = wd.metric_writer(just_logging=jax.process_index() > 0)
     try:
       state = _start(run, wd, manager, allow_config_change)
       wd.write_config(config)
