@@ -21,6 +21,12 @@ network is small and the batch is 8.
   training, samples that are scattered stroke fragments; 'elbo_plus_sigmoid' adds 20x
   the sigmoid objective of Kingma & Gao (2023), which trains the noisy end where a
   digit's shape is decided.
+- The network predicts v = α_t ε − σ_t x (docs/maths.md §11.1) and each example's noise
+  level is drawn from the adaptive proposal, weighted so that the bound stays unbiased
+  (§11.5). Against the 2021 recipe (ε, antithetic time), on the same seed and data
+  order, the 11,000-step test bound is 0.047 ± 0.003 bpd lower (paired), the variance
+  of the trained objective's estimate ~9x lower, and the samples score better on every
+  number (README, "Noise levels and prediction target").
 - Dropout only slows a run this short; the learning rate is 10x the paper's.
 - Two steps per dispatch: XLA:CPU compiles the unrolled steps of a call, and ten
   U-Net steps took 3.5 minutes to compile against ~30 s for two, at the same speed.
@@ -38,6 +44,8 @@ def get_config():
   config.model.groupnorm_groups = 16
   config.model.p_drop = 0.0
   config.model.weighting = 'elbo_plus_sigmoid'  # w = 1 + 20*sigmoid(2 - lambda)
+  config.model.prediction = 'v'  # the network outputs v-hat; the bound uses eps-hat from it
+  config.model.time_sampling = 'adaptive'  # gamma drawn from a density learnt from the loss
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50
   config.optimizer.ema_rate = 0.999

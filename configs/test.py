@@ -22,4 +22,5 @@ def get_config():
   config.eval.num_examples = 100
   config.sample.num_samples = 4
   config.sample.timesteps = 5
+  config.quality.num_samples = 0  # no feature network in the tests that sample
   return config

@@ -42,7 +42,7 @@ def init_model(model_cfg, shape=(4, 8, 8, 1), seed=0):
   model = vdm.VDM.from_config(model_cfg)
   x = jnp.zeros(shape, jnp.uint8)
   cond = jnp.zeros((shape[0],), jnp.float32)
-  variables = model.init(rngs(seed), x, cond)
+  variables = jax.jit(model.init)(rngs(seed), x, cond)  # eager init runs op by op: slow
   return model, variables
 
 

@@ -30,3 +30,15 @@ def subprocess_compilation_cache(tmp_path_factory):
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+
+
+@pytest.fixture(scope='session')
+def digits_features(tmp_path_factory):
+  """(configs/test.py with a feature network of 300 steps cached in a temporary folder,
+  that network): shared by the tests of the feature network and the sample numbers."""
+  import common  # pylint: disable=g-import-not-at-top
+  from vdm_jax.evaluation import feature_net  # pylint: disable=g-import-not-at-top
+  cfg = common.load_config('test')
+  cfg.quality.cache_dir = str(tmp_path_factory.mktemp('feature_cache'))
+  cfg.quality.feature_steps = 300
+  return cfg, feature_net.load_or_train(cfg)

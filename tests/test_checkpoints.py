@@ -2,43 +2,49 @@
 
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import common
+from vdm_jax.model import time_sampling
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import parallel
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.training import train_state
 
 
-def _state(step, value, width=3):
+def _state(step, value, width=3, bins=None):
   params = {'score_model': {'conv_in': {'kernel': jnp.full((width, 2), value)}},
             'gamma': {'w': jnp.full((1,), value)}}
+  sampler = None
+  if bins is not None:
+    sampler = time_sampling.AdaptiveState(mean_loss=jnp.full((bins,), value),
+                                          updates=jnp.full((bins,), step, jnp.int32))
   return train_state.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                                 opt_state={'mu': jnp.full((width,), value)},
-                                ema_params=params)
+                                ema_params=params, time_sampler=sampler)
 
 
-def _abstract(width=3):
-  return checkpoints.abstract_like(jax.eval_shape(lambda: _state(0, 0.0, width)),
+def _abstract(width=3, bins=None):
+  return checkpoints.abstract_like(jax.eval_shape(lambda: _state(0, 0.0, width, bins)),
                                    parallel.replicated(parallel.make_mesh()))
 
 
-def _save_steps(wd, steps):
+def _save_steps(wd, steps, bins=None):
   manager = checkpoints.make_manager(wd, keep=5, asynchronous=False, create=True)
   for step in steps:
-    checkpoints.save(manager, step, _state(step, float(step)))
+    checkpoints.save(manager, step, _state(step, float(step), bins=bins))
   manager.wait_until_finished()
   manager.close()
 
 
-def _restore(wd, **kwargs):
+def _restore(wd, bins=None, **kwargs):
   manager = checkpoints.make_manager(wd)
   try:
-    return checkpoints.restore_latest(manager, _abstract(), **kwargs)
+    return checkpoints.restore_latest(manager, _abstract(bins=bins), **kwargs)
   finally:
     manager.close()
 
@@ -98,3 +104,33 @@ def test_describe_mismatch_lists_missing_extra_and_reshaped():
                                '  shape differs:         b checkpoint (2,) vs model (3,)',
                                '  missing in checkpoint: c (1,)']
   assert checkpoints.describe_mismatch({'a': (1,)}, {'a': (1,)}) is None
+
+
+def test_the_adaptive_averages_are_restored_exactly(tmp_path):
+  wd = workdir_lib.Workdir(tmp_path)
+  _save_steps(wd, [1, 2], bins=5)
+  common.assert_trees_equal(jax.device_get(_restore(wd, bins=5)),
+                            jax.device_get(_state(2, 2.0, bins=5)))
+
+
+@pytest.mark.parametrize('saved_bins', ['no field', None, 7])
+def test_averages_missing_or_of_another_size_start_afresh(tmp_path, saved_bins, caplog):
+  """A checkpoint written without the adaptive averages (a train state without the field,
+  or an empty one) or with other bins restores the rest exactly and starts the averages
+  at zero (docs/maths.md §11.5)."""
+  wd = workdir_lib.Workdir(tmp_path)
+  if saved_bins == 'no field':
+    manager = checkpoints.make_manager(wd, asynchronous=False, create=True)
+    legacy = flax.serialization.to_state_dict(_state(3, 3.0))
+    del legacy['time_sampler']
+    checkpoints.save(manager, 3, legacy)
+    manager.close()
+  else:
+    _save_steps(wd, [3], bins=saved_bins)
+  state = jax.device_get(_restore(wd, bins=5))
+  expected = jax.device_get(_state(3, 3.0, bins=5))
+  common.assert_trees_equal(state.params, expected.params)
+  common.assert_trees_equal(state.opt_state, expected.opt_state)
+  np.testing.assert_array_equal(state.time_sampler.mean_loss, np.zeros(5))
+  np.testing.assert_array_equal(state.time_sampler.updates, np.zeros(5, np.int32))
+  assert any('time_sampler' in r.getMessage() for r in caplog.records)

@@ -14,6 +14,7 @@ from configs import test as test_config
 from vdm_jax.codec import coder
 from vdm_jax.codec import file_format
 from vdm_jax.codec import tables
+from vdm_jax.codec import images as codec_images
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax.model import vdm
 
@@ -263,7 +264,7 @@ def test_coding_table_grids_are_fine_and_supports_small():
 def test_image_files_round_trip(tmp_path):
   images = random_images(3, 256, 3)
   for path in (str(tmp_path / 'a.npz'), str(tmp_path / 'pngs')):
-    codec_tools.save_images(images, path)
-    np.testing.assert_array_equal(codec_tools.load_images(path), images)
+    codec_images.save_images(images, path)
+    np.testing.assert_array_equal(codec_images.load_images(path), images)
   np.savez(tmp_path / 'split.npz', test=images[:, :, :, :1])
-  assert codec_tools.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)
+  assert codec_images.load_images(str(tmp_path / 'split.npz')).shape == (3, 4, 4, 1)

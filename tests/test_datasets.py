@@ -341,3 +341,31 @@ def test_imagenet_missing_files_says_where(tmp_path, fresh_cache, dataset, res):
                  f"DownloadConfig(manual_dir='{manual}')",
                  f'downsampled_imagenet/{res}', 'imagenet_resized'):
     assert needed in message
+
+
+@pytest.mark.parametrize('dataset,counts', [('mnist_embedded', ([450] * 10, [50] * 10)),
+                                            ('digits', (None, None))])
+def test_labels_align_with_the_images(dataset, counts):
+  config = common.data_config(dataset=dataset)
+  for split, expected in zip(datasets.SPLITS, counts):
+    labels = datasets.load_labels(config, split)
+    assert labels.shape == (len(datasets.load_split(config, split)),)
+    assert labels.min() == 0 and labels.max() == 9 and not labels.flags.writeable
+    if expected is not None:
+      assert np.bincount(labels).tolist() == expected
+  if dataset == 'mnist_embedded':  # the file is sorted by label
+    np.testing.assert_array_equal(datasets.load_labels(config, 'test'),
+                                  np.repeat(np.arange(10), 50))
+  else:
+    from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+    np.testing.assert_array_equal(datasets.load_labels(config, 'test'),
+                                  sk_datasets.load_digits().target[1500:])
+  limited = common.data_config(dataset=dataset, num_train=7)
+  assert len(datasets.load_labels(limited, 'train')) == 7
+
+
+def test_npz_has_no_labels(tmp_path):
+  path = tmp_path / 'd.npz'
+  np.savez(path, train=np.zeros((3, 4, 4, 1), np.uint8), test=np.zeros((2, 4, 4, 1), np.uint8))
+  assert datasets.load_labels(common.data_config(dataset='npz', npz_path=str(path)),
+                              'train') is None

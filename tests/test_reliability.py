@@ -46,6 +46,9 @@ TRAINING = dict(num_steps=NUM_STEPS, steps_per_call=1, log_every=1)
 KILL_TRAINING = dict(TRAINING, checkpoint_every=1, keep_checkpoints=2)
 SIGNAL_TRAINING = dict(TRAINING, checkpoint_every=1000)  # only the end is a regular save
 TMP_MARK = '.orbax-checkpoint-tmp'
+# Noise levels from the adaptive proposal, so that its state (per-bin loss averages) is
+# part of every checkpoint, kill and resume below, beside parameters, EMA and optimiser.
+MODEL = dict(time_sampling='adaptive')
 
 pytestmark = pytest.mark.slow  # every test here trains, or reads a trained workdir
 
@@ -54,17 +57,17 @@ pytestmark = pytest.mark.slow  # every test here trains, or reads a trained work
 
 
 def _config(**sections):
-  """configs/test.py with overrides, e.g. _config(training=dict(num_steps=4))."""
+  """configs/test.py with MODEL and overrides, e.g. _config(training=dict(num_steps=4))."""
   cfg = common.load_config('test')
-  for section, values in sections.items():
+  for section, values in {'model': MODEL, **sections}.items():
     for key, value in values.items():
       cfg[section][key] = value
   return cfg
 
 
 def _flags(**sections) -> list[str]:
-  return [f'--config.{section}.{key}={value}'
-          for section, values in sections.items() for key, value in values.items()]
+  return [f'--config.{section}.{key}={value}' for section, values in
+          {'model': MODEL, **sections}.items() for key, value in values.items()]
 
 
 def _numpy(tree):
@@ -246,6 +249,9 @@ def reference(tmp_path_factory):
   cfg = _config(training=dict(KILL_TRAINING, keep_checkpoints=NUM_STEPS))
   final = _numpy(train.train_and_evaluate(cfg, str(workdir)))
   assert _complete_steps(workdir) == list(range(1, NUM_STEPS + 1))
+  sampler = final.time_sampler  # the proposal learnt something to be restored
+  assert np.all(sampler.updates >= 0) and sampler.updates.sum() > 0
+  assert np.all(sampler.mean_loss >= 0) and sampler.mean_loss.max() > 0
   return cfg, workdir, final
 
 

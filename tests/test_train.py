@@ -70,6 +70,7 @@ from vdm_jax.evaluation import evaluate
 from vdm_jax.runtime import parallel
 from vdm_jax.training import train
 cfg = common.load_config('test')
+cfg.model.time_sampling = 'adaptive'  # its state is all-reduced over the global batch
 out = {}
 for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   mesh = parallel.make_mesh(devices)
@@ -82,12 +83,15 @@ for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   state, metrics = call(state, gb)
   out[name] = dict(loss=float(metrics['loss'][0]), bpd=float(metrics['bpd'][0]),
                    kernel=np.asarray(state.params['score_model']['conv_in']['kernel']).ravel()[:50].tolist(),
+                   bins=np.asarray(state.time_sampler.mean_loss).tolist(),
+                   updates=np.asarray(state.time_sampler.updates).tolist(),
                    evals={})
   for batch_size, num in ((24, None), (16, 7)):
     cfg.eval.batch_size, cfg.eval.num_examples = batch_size, num
     r = evaluate.evaluate(model, state.params, cfg, mesh)
     out[name]['evals'][f'{batch_size}/{num}'] = [r['num_examples'], r['bpd']]
 cfg.eval.batch_size, cfg.eval.num_examples = 64, 100
+cfg.model.time_sampling = 'antithetic'  # the settings of reference_run
 final = train.train_and_evaluate(cfg, WORKDIR)
 np.savez(WORKDIR + '/final_params.npz', *[np.asarray(x) for x in jax.tree.leaves(final.params)])
 print('RESULT' + json.dumps(out))
@@ -111,6 +115,9 @@ def test_one_step_same_on_1_and_8_devices(eight_devices):
   # reduction order differs: float32 rounding.
   assert out['8']['loss'] == pytest.approx(out['1']['loss'], rel=1e-5)
   np.testing.assert_allclose(out['8']['kernel'], out['1']['kernel'], rtol=1e-4, atol=1e-6)
+  # The adaptive proposal's bins: the same global batch's integrands, all-reduced.
+  assert out['8']['updates'] == out['1']['updates'] and sum(out['1']['updates']) > 0
+  np.testing.assert_allclose(out['8']['bins'], out['1']['bins'], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -218,7 +225,8 @@ def test_tfds_dataset_through_mock_data(tmp_path):
 @pytest.mark.slow
 def test_sample_mode_writes_a_png(reference_run):
   cfg, workdir, _ = reference_run
-  path = sampling.sample_workdir(cfg, str(workdir))
+  path, quality = sampling.sample_workdir(cfg, str(workdir))
+  assert quality is None  # configs/test.py scores no samples
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = np.asarray(Image.open(path))
   assert img.ndim == 2 and img.shape[0] >= 2 * 8  # a grid of 4 samples of 8x8

@@ -37,6 +37,13 @@ def test_the_shipped_configs_are_valid():
     ({'eval.num_examples': -1}, 'config.eval.num_examples = -1: must be >= 1'),
     ({'eval.num_examples': 0}, 'config.eval.num_examples = 0: must be >= 1'),
     ({'data.num_train': 0}, 'config.data.num_train = 0: must be >= 1'),
+    ({'quality.num_samples': -1}, 'config.quality.num_samples = -1: must be ≥ 0'),
+    ({'quality.num_samples': 5}, 'config.quality.num_samples = 5: must exceed '
+     'quality.nearest_k = 5'),
+    ({'quality.confidence': 1.0}, 'config.quality.confidence = 1.0: must be in [0, 1)'),
+    ({'quality.feature_steps': 0}, 'config.quality.feature_steps = 0: must be ≥ 1'),
+    ({'quality.features': 'inception'}, "config.quality.features = 'inception' is not one "
+     "of 'auto', 'classifier', 'autoencoder'"),
     ({'training.max_skipped_fraction': 1.5},
      'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
@@ -97,3 +104,47 @@ def test_model_defining_fields_and_training_only_fields():
   with pytest.raises(validation.ConfigError) as e:
     validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}), hint='')
   assert '--allow_config_change' not in str(e.value)
+
+
+@pytest.mark.parametrize('changes,expected', [
+    ({'model.prediction': 'x0'}, "config.model.prediction = 'x0' is not one of 'eps', 'v'"),
+    ({'model.time_sampling': 'importance'}, "config.model.time_sampling = 'importance' is not "
+     "one of 'antithetic', 'uniform', 'sigmoid', 'adaptive'"),
+    ({'model.adaptive_bins': 0}, 'config.model.adaptive_bins = 0: must be an integer ≥ 1'),
+    ({'model.adaptive_decay': 1.0}, 'config.model.adaptive_decay = 1.0: must be in [0, 1)'),
+    ({'model.adaptive_uniform': 0.0}, 'config.model.adaptive_uniform = 0.0: must be in (0, 1]'),
+])
+def test_time_sampling_fields_are_checked(changes, expected):
+  assert any(expected in e for e in _errors(**changes)), _errors(**changes)
+
+
+@pytest.mark.parametrize('sampling', ['sigmoid', 'adaptive'])
+def test_a_proposal_contradicting_the_learned_schedule_is_refused(sampling):
+  """§11.7: drawn in γ, the shape between the ends has no effect on the estimator."""
+  nnet = {'model.time_sampling': sampling, 'model.schedule': 'learned_nnet',
+          'model.schedule_endpoints': 'pinned'}
+  errors = _errors(**nnet, **{'model.schedule_variance_reduction': True})
+  assert len(errors) == 1 and 'schedule_variance_reduction' in errors[0], errors
+  errors = _errors(**nnet)  # continuous time: the shape would never train
+  assert len(errors) == 1 and 'learned_nnet' in errors[0], errors
+  assert _errors(**nnet, **{'model.timesteps': 10}) == []  # the grid still needs the shape
+  assert _errors(**{'model.time_sampling': sampling}) == []  # learned_linear
+  assert _errors(**{'model.time_sampling': sampling, 'model.timesteps': 10}) == []
+
+
+def test_a_saved_config_without_a_newer_field_counts_as_its_default():
+  saved = _config().to_dict()
+  del saved['model']['prediction']
+  assert validation.config_difference(saved, _config()) == []
+  assert validation.config_difference(saved, _config(**{'model.prediction': 'v'})) == [
+      "model.prediction: saved 'eps', now 'v'"]
+
+
+def test_quality_needs_labels_for_a_classifier_and_more_test_images_than_k():
+  errors = _errors(**{'data.dataset': 'npz', 'data.npz_path': 'x.npz',
+                      'quality.features': 'classifier'})
+  assert any("config.quality.features = 'classifier' needs labels" in e for e in errors)
+  cfg = _config(**{'quality.num_samples': 400, 'quality.nearest_k': 297})
+  with pytest.raises(validation.ConfigError, match='nearest_k = 297 needs more test images '
+                     'than the 297 of digits'):
+    validation.validate(cfg)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import common
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import compiler
 
@@ -44,7 +45,7 @@ def test_api_returns_per_example_terms_and_bpd():
 
 
 def test_antithetic_times_are_stratified_over_the_batch():
-  t = np.sort(np.asarray(vdm.sample_times(jax.random.key(0), 16, True)))
+  t = np.sort(np.asarray(time_sampling.stratified_uniforms(jax.random.key(0), 16)))
   np.testing.assert_allclose(np.diff(t), 1 / 16, atol=1e-6)
   assert 0 <= t[0] < 1 / 16
 
@@ -108,7 +109,7 @@ def _diffusion_draws(model, params, x, n_draws, seed=0):
 
 def test_property3_mean_depends_only_on_endpoints():
   """§3.3: linear and bent pinned schedules, same endpoints: equal means, unequal variances."""
-  base = dict(antithetic_time_sampling=False)
+  base = dict(time_sampling='uniform')
   linear_cfg = common.tiny_model_config(schedule='fixed_linear', **base)
   bent_cfg = common.tiny_model_config(schedule='learned_nnet',
                                       schedule_endpoints='pinned', **base)

@@ -12,17 +12,19 @@
 
 import importlib
 
-from vdm_jax.model.vdm import VDM
-from vdm_jax.model.vdm import VDMOutput
-
 __all__ = ['VDM', 'VDMOutput']
 __version__ = '0.1.0'
 
-# Modules importable by their short name, `from vdm_jax import evaluate`, loaded on use.
-_SHORT_NAMES = {'evaluate': 'vdm_jax.evaluation.evaluate'}
+# Names of the package, each loaded on first use, so that importing a light module
+# (vdm_jax.errors, vdm_jax.runtime.signals: the command line's first lines) loads no JAX.
+# `from vdm_jax import evaluate` is the module vdm_jax.evaluation.evaluate.
+_LAZY = {'VDM': ('vdm_jax.model.vdm', 'VDM'), 'VDMOutput': ('vdm_jax.model.vdm', 'VDMOutput'),
+         'evaluate': ('vdm_jax.evaluation.evaluate', None)}
 
 
 def __getattr__(name):
-  if name in _SHORT_NAMES:
-    return importlib.import_module(_SHORT_NAMES[name])
+  if name in _LAZY:
+    module, attribute = _LAZY[name]
+    module = importlib.import_module(module)
+    return module if attribute is None else getattr(module, attribute)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

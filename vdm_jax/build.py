@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from vdm_jax.data import datasets
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import parallel
@@ -51,8 +52,10 @@ class Run:
       x = jnp.zeros((1,) + self.image_shape, jnp.uint8)
       params = self.model.init({'params': k_params, 'sample': k_sample,
                                 'dropout': k_dropout}, x, jnp.zeros((1,)))['params']
-      return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=self.tx.init(params), ema_params=params)
+      return train_state.TrainState(
+          step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+          ema_params=params,
+          time_sampler=time_sampling.init_adaptive(self.config.model.adaptive_bins))
     return init
 
   def init_state(self) -> train_state.TrainState:

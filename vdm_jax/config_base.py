@@ -44,7 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.vocab_size = 256  # V: the number of values of each sub-pixel (§1); must match the data.
   model.timesteps = 0  # T: 0 = continuous-time bound L_inf, T > 0 = discrete-time L_T (§3).
-  model.antithetic_time_sampling = True  # Stratified t over the global batch (§3).
+  # Where each example's diffusion term is evaluated (§3e, §11; training only: evaluation
+  # always draws antithetic time): antithetic (t stratified over the global batch) |
+  # uniform (t i.i.d.) | sigmoid (log-SNR from p ∝ sigmoid(λ), stratified) | adaptive
+  # (log-SNR from a piecewise-constant density ∝ the running loss per bin, stratified).
+  model.time_sampling = 'antithetic'
+  model.adaptive_bins = 100  # adaptive: bins of equal width over [γ_0, γ_1].
+  model.adaptive_decay = 0.99  # adaptive: decay of each bin's running average, per update of that bin.
+  model.adaptive_uniform = 0.1  # adaptive: share of the uniform density mixed in, so that p(γ) > 0 everywhere.
   # Noise schedule (§2).
   model.schedule = 'learned_linear'  # fixed_linear | learned_linear | learned_nnet.
   model.schedule_endpoints = 'free'  # learned_nnet only: free (original code) | pinned (paper).
@@ -56,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.sigmoid_bias = 2.0  # b in sigmoid(b - lambda), for the sigmoid weightings.
   model.sigmoid_scale = 20.0  # a in w = 1 + a*sigmoid(b - lambda), for weighting=elbo_plus_sigmoid.
   # Noise-prediction network (§6).
+  model.prediction = 'eps'  # What the network outputs: eps (ε, the paper) | v (α_t ε − σ_t f; §11.1).
   model.n_embd = 128  # Channels of every block.
   model.n_layer = 32  # ResNet blocks on the way down (n_layer + 1 on the way up), per resolution.
   model.channel_mult = (1,)  # Channels per resolution, × n_embd; (1,) = the paper's single resolution (§6); more entries halve H, W between them (not in the paper).
@@ -132,6 +140,17 @@ def get_config() -> ml_collections.ConfigDict:
   sample.timesteps = 1000  # T of the ancestral sampler.
   sample.decode = 'argmax'  # argmax | draw: how x is read off p(x | z_0).
   sample.conditioning = 0.0  # The conditioning value given to every sample.
+
+  # ------------------------------------- sample quality (docs/maths.md §12; --mode=sample)
+  config.quality = quality = ml_collections.ConfigDict()
+  quality.num_samples = 1000  # N samples scored against the test split; 0 = none (the grid only).
+  quality.batch_size = 250  # Samples drawn per compiled sampler call.
+  quality.nearest_k = 5  # k of the k-nearest-neighbour balls of precision, recall, density, coverage.
+  quality.confidence = 0.9  # A sample counts as confidently classified above this class probability.
+  quality.features = 'auto'  # Feature network: auto (classifier where the data have labels, else autoencoder) | classifier | autoencoder.
+  quality.feature_steps = 1000  # Training steps (batch 64) of the feature network.
+  quality.feature_seed = 0  # Seed of the feature network's initialisation and batch order.
+  quality.cache_dir = config_dict.placeholder(str)  # Trained feature networks; None = $XDG_CACHE_HOME/vdm_jax, else ~/.cache/vdm_jax.
 
   # ------------------------------------------------ bits-back coding (vdm_jax/codec/coder.py)
   config.codec = codec = ml_collections.ConfigDict()

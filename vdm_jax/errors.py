@@ -5,6 +5,8 @@ Every module raises these (or subclasses of InputError), so this module imports 
 of the package.
 """
 
+import signal
+
 INPUT_ERROR_EXIT_CODE = 2  # a fault of input or environment; the message says what to fix
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request; run the same command again
 
@@ -28,3 +30,17 @@ class Preempted(Exception):
     super().__init__(f'Stopped by signal at step {step}; checkpoint written to '
                      f'{workdir.checkpoint_dir}. Run the same command again to continue.')
     self.step = step
+
+
+class Stopped(BaseException):
+  """Stopped by SIGTERM/SIGINT before anything was saved (vdm_jax/runtime/signals.py).
+
+  A BaseException, like KeyboardInterrupt, so that no `except Exception` takes it for a
+  fault of what it interrupts (a checkpoint being restored, say).
+  """
+
+  def __init__(self, signum=None):
+    name = signal.Signals(signum).name if signum else 'a signal to another process'
+    super().__init__(f'Stopped by {name} before anything was saved; nothing was changed. '
+                     'Run the same command again.')
+    self.signum = signum

@@ -7,14 +7,24 @@ r"""Command line: train, evaluate, sample, and import the original checkpoints.
 The workdir is a fixed place: the same command run again resumes from its newest
 checkpoint. `--config.a.b=value` overrides any field (the config is locked: a typo is an
 error). Exit status: 0 done; 2 a fault of input or environment, with a message that says
-what to fix (--verbose adds the traceback); 75 stopped by SIGTERM/SIGINT after a
-checkpoint (run the same command again).
+what to fix (--verbose adds the traceback); 75 stopped by SIGTERM/SIGINT, whenever it
+came: after the step in flight and its checkpoint while training, else with nothing
+changed (run the same command again).
 """
 
 import json
 import logging as std_logging
 import sys
 
+from vdm_jax.runtime import signals
+
+# Signals are recorded from the first line on, while the modules below load (seconds),
+# and acted on in main(); the console script `vdm_jax` installs this in run().
+_SIGNALS_AT_START = signals.Deferred()
+if __name__ == '__main__':
+  _SIGNALS_AT_START.install()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,13 +32,16 @@ import jax
 from ml_collections import config_flags
 
 from vdm_jax.codec import tools as codec_tools
+from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import sample_quality
 from vdm_jax.evaluation import sampling
 from vdm_jax import original
 from vdm_jax import reporting
 from vdm_jax.runtime import host_memory
 from vdm_jax.runtime import parallel
 from vdm_jax.training import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -45,6 +58,8 @@ flags.DEFINE_string('input', None, 'For --mode=compress: images (.npz or a folde
                     'PNG files); for --mode=decompress: a compressed file.')
 flags.DEFINE_string('output', None, 'For --mode=compress: the compressed file; for '
                     '--mode=decompress: a .npz or a folder for PNG files.')
+flags.DEFINE_bool('overwrite', False, 'For --mode=compress and decompress: replace an '
+                  'existing --output (a folder: its files of the same names).')
 flags.DEFINE_bool('verbose', False, 'Show the traceback of every error.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(not needed on TPU pods and SLURM).')
@@ -93,44 +108,66 @@ def _eval(config):
 
 
 def _sample(config):
-  path = sampling.sample_workdir(config, FLAGS.workdir)
+  path, quality = sampling.sample_workdir(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(f'samples written to {path}')
+    if quality is not None:
+      print(sample_quality.summary(quality))
+      print(f'written to {FLAGS.workdir}/{sample_quality.RESULTS_FILE}')
 
 
 def _import_original(config):
-  if not FLAGS.original_checkpoint:
-    raise app.UsageError('--mode=import_original needs --original_checkpoint=PATH.')
   path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
   print(f'imported {FLAGS.original_checkpoint} into {path}')
 
 
 def _codec(config):
-  if not FLAGS.input or not FLAGS.output:
-    raise app.UsageError(f'--mode={FLAGS.mode} needs --input=PATH and --output=PATH.')
   command = (codec_tools.compress_command if FLAGS.mode == 'compress'
              else codec_tools.decompress_command)
-  print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output))
+  print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output, overwrite=FLAGS.overwrite))
 
 
 MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
          'import_original': _import_original, 'compress': _codec, 'decompress': _codec}
 
 
-def main(argv):
+# The flags each mode needs besides --config and --workdir, and what they name.
+_NEEDED = {'import_original': {'original_checkpoint': "the original code's checkpoint"},
+           'compress': {'input': 'the images: a .npz or a folder of PNG files',
+                        'output': 'the compressed file to write'},
+           'decompress': {'input': 'a file written by --mode=compress',
+                          'output': 'a .npz, or a folder for PNG files'}}
+
+
+def _usage_problems(argv) -> list[str]:
+  """Stray arguments and the flags that FLAGS.mode needs but were not given."""
+  missing = [f'--{name}=PATH ({what})'
+             for name, what in _NEEDED.get(FLAGS.mode, {}).items() if not FLAGS[name].value]
+  problems = [f'--mode={FLAGS.mode} needs ' + ' and '.join(missing)] if missing else []
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _quiet_library_logs(FLAGS.verbose)
-  host_memory.keep_freed_memory()
-  reporting.quiet_late_callbacks()
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
-  try:
-    config = FLAGS.config
-    config.to_dict()  # ml_collections loads the file on first use
-  except Exception as e:  # pylint: disable=broad-except
-    reporting.exit_with(reporting.describe_config_error(e, sys.argv), FLAGS.verbose, e)
+    problems.append(f'unexpected argument(s) {" ".join(argv[1:])}: every setting is a '
+                    '--flag=value (--help lists them)')
+  return problems
+
+
+def main(argv):
   with reporting.reported(verbose=FLAGS.verbose, workdir=FLAGS.workdir):
+    if _SIGNALS_AT_START.signum is not None:
+      raise errors.Stopped(_SIGNALS_AT_START.signum)
+    signals.stop_at_once()  # training defers them again while it holds the workdir
+    problems = _usage_problems(argv)
+    if problems:
+      raise errors.InputError('; '.join(problems) + '.')
+    _quiet_library_logs(FLAGS.verbose)
+    host_memory.keep_freed_memory()
+    reporting.quiet_late_callbacks()
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    try:
+      config = FLAGS.config
+      config.to_dict()  # ml_collections loads the file on first use
+    except Exception as e:  # pylint: disable=broad-except
+      reporting.exit_with(reporting.describe_config_error(e, sys.argv), FLAGS.verbose, e)
     MODES[FLAGS.mode](config)
 
 
@@ -147,6 +184,7 @@ def _parse_flags(argv):
 
 def run():
   """Console-script entry point (`vdm_jax ...`)."""
+  _SIGNALS_AT_START.install()
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -247,7 +247,9 @@ def import_checkpoint(config, path, workdir, image_shape: Optional[tuple] = None
   state = train_state.TrainState(
       step=_to_global(np.asarray(step, np.int32), abstract.step), params=params,
       opt_state=jax.jit(run.tx.init, out_shardings=run.replicated)(params),
-      ema_params=_to_global(ema_params, abstract.ema_params))
+      ema_params=_to_global(ema_params, abstract.ema_params),
+      time_sampler=_to_global(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                           abstract.time_sampler), abstract.time_sampler))
   wd.create()
   with workdir_lock.hold(wd):
     manager = checkpoints.make_manager(wd, keep=config.training.keep_checkpoints,

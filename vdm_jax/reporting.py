@@ -3,8 +3,9 @@ traceback.
 
 Faults of input or environment (a bad config, flag, data file, checkpoint or workdir,
 a full or read-only disk, a diverging run) exit with status 2 and a message that names
-the file, field or process and says what to do; a run stopped by SIGTERM/SIGINT exits
-with 75 after its checkpoint. `--verbose` (or VDM_JAX_TRACEBACK=1) adds the traceback.
+the file, field or process and says what to do; a command stopped by SIGTERM/SIGINT
+exits with 75 (training after its checkpoint, anything else with nothing changed).
+`--verbose` (or VDM_JAX_TRACEBACK=1) adds the traceback.
 Anything else is a bug and raises as usual.
 """
 
@@ -117,13 +118,17 @@ def _filesystem_message(exc: BaseException, workdir: Optional[str]) -> Optional[
     return (f'the disk holding {where} is full (ENOSPC). The save in progress was '
             f'abandoned; {kept}. Free space (or move --workdir to a larger disk) and run '
             'the same command again: it resumes from the newest checkpoint.')
+  in_workdir = workdir is not None and os.path.abspath(str(where)).startswith(
+      os.path.abspath(workdir))
   if code in (errno.EACCES, errno.EPERM, errno.EROFS) or name == 'PermissionDeniedError':
+    fix = ('Make the workdir writable or choose another --workdir; nothing in it was '
+           'changed.' if in_workdir else 'Make it writable, or name another path.')
     return (f'cannot write to {where}: permission denied or read-only file system '
-            f'({exc}). Make the workdir writable or choose another --workdir; nothing in it '
-            'was changed.')
+            f'({exc}). {fix}')
   if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-    return (f'{where}: {os_error.strerror}; a part of the --workdir path is a file, not a '
-            'folder. Choose another --workdir.')
+    what = '--workdir' if in_workdir else 'path'
+    return (f'{where}: {os_error.strerror}; a part of that path is a file, not a folder '
+            f'(or the other way round). Choose another {what}.')
   return None
 
 
@@ -135,6 +140,8 @@ def reported(verbose: bool = False, workdir: Optional[str] = None):
     yield
   except errors.Preempted as e:
     exit_with(str(e), verbose, e, code=errors.PREEMPTED_EXIT_CODE)
+  except errors.Stopped as e:  # raised wherever the program was: skip its threads' shutdown
+    exit_with(str(e), verbose, e, code=errors.PREEMPTED_EXIT_CODE, at_once=True)
   except user_errors as e:
     exit_with(str(e), verbose, e)
   except Exception as e:  # pylint: disable=broad-except

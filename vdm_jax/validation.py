@@ -4,6 +4,8 @@ Every message names the field, the value given and what is accepted; all problem
 reported at once. Inside the package the locked, validated config is trusted.
 """
 
+import math
+import re
 
 from flax import traverse_util
 import jax
@@ -11,9 +13,11 @@ import jax
 from vdm_jax import config_base
 from vdm_jax.data import datasets
 from vdm_jax import errors
+from vdm_jax.evaluation import feature_net
 from vdm_jax.evaluation import ode
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.training import optim
 
@@ -24,8 +28,8 @@ DECODES = ('argmax', 'draw')
 # attention_impl, dtype, the training objective's weighting, the §4 gradient, dropout)
 # may change between runs, and evaluation ignores it.
 _NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid_bias',
-                       'sigmoid_scale', 'schedule_variance_reduction',
-                       'antithetic_time_sampling', 'p_drop')
+                       'sigmoid_scale', 'schedule_variance_reduction', 'time_sampling',
+                       'adaptive_bins', 'adaptive_decay', 'adaptive_uniform', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
 
@@ -51,7 +55,17 @@ def _choice(errors, name, value, accepted):
 
 
 def check_fields(config) -> list[str]:
-  """Unknown keys and bad values, without touching data or devices."""
+  """Unknown keys and bad values, without touching data or devices: every float field
+  finite first (a NaN passes every comparison), then each field's range."""
+  nonfinite = {key: f'config.{key} = {value}: must be a finite number.'
+               for key, value in flatten(config).items()
+               if isinstance(value, float) and not math.isfinite(value)}
+  names = lambda message: set(re.findall(r'config\.([\w.]*\w)', message))
+  return list(nonfinite.values()) + [e for e in _check_values(config)
+                                     if not names(e) & set(nonfinite)]
+
+
+def _check_values(config) -> list[str]:
   errors = []
   known = flatten(config_base.get_config())
   given = flatten(config)
@@ -65,6 +79,8 @@ def check_fields(config) -> list[str]:
   _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES)
   _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
   _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
+  _choice(errors, 'model.prediction', m.prediction, vdm.PREDICTIONS)
+  _choice(errors, 'model.time_sampling', m.time_sampling, time_sampling.TIME_SAMPLINGS)
   _choice(errors, 'model.dtype', m.dtype, DTYPES)
   _choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
   _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
@@ -109,6 +125,7 @@ def check_fields(config) -> list[str]:
                   "model.schedule = 'learned_nnet' and model.schedule_endpoints = 'pinned' "
                   f'(got {m.schedule!r}, {m.schedule_endpoints!r}): only a pinned shape '
                   'can follow the variance (docs/maths.md §4).')
+  errors += _check_time_sampling(m)
   for name, value in (('training.batch_size', t.batch_size),
                       ('training.num_steps', t.num_steps),
                       ('training.steps_per_call', t.steps_per_call),
@@ -153,10 +170,39 @@ def check_fields(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
-  errors += _check_ode_fields(config)
+  errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
+  errors += _check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
+  return errors
+
+
+def _check_time_sampling(m) -> list[str]:
+  """The proposal's fields, and the combinations a γ-drawn estimator contradicts (§11.7)."""
+  errors = []
+  if not (isinstance(m.adaptive_bins, int) and m.adaptive_bins >= 1):
+    errors.append(f'config.model.adaptive_bins = {m.adaptive_bins!r}: must be an integer ≥ 1.')
+  if not 0.0 <= m.adaptive_decay < 1.0:
+    errors.append(f'config.model.adaptive_decay = {m.adaptive_decay}: must be in [0, 1).')
+  if not 0.0 < m.adaptive_uniform <= 1.0:
+    errors.append(f'config.model.adaptive_uniform = {m.adaptive_uniform}: must be in (0, 1] '
+                  '(the uniform share keeps the proposal density above zero).')
+  if m.time_sampling not in time_sampling.IN_GAMMA:
+    return errors
+  if m.schedule_variance_reduction:
+    errors.append(f'config.model.time_sampling = {m.time_sampling!r} draws the noise level '
+                  'γ itself, so the schedule\'s shape no longer changes the estimator\'s '
+                  'variance that model.schedule_variance_reduction = True trains it for '
+                  '(docs/maths.md §11.7); use time_sampling = \'antithetic\' with it, or '
+                  'turn it off.')
+  elif m.schedule == 'learned_nnet' and m.timesteps == 0:
+    errors.append(f'config.model.time_sampling = {m.time_sampling!r} in continuous time '
+                  '(model.timesteps = 0) draws γ itself: the learned_nnet schedule\'s '
+                  'shape between its ends would get no gradient and never train '
+                  '(docs/maths.md §11.7). Use model.schedule = \'learned_linear\' (its ends '
+                  'are all that matter there), a discrete-time model, or time_sampling = '
+                  '\'antithetic\'.')
   return errors
 
 
@@ -182,6 +228,44 @@ def _check_ode_fields(config) -> list[str]:
   if o.num_steps is None and o.solver == 'euler':
     errors.append("config.ode.solver = 'euler' has no error estimate: set ode.num_steps "
                   "or choose dopri5, tsit5 or heun.")
+  return errors
+
+
+def _check_codec_fields(c) -> list[str]:
+  """config.codec (vdm_jax/codec/coder.py). A file's header holds T and first_images in
+  32 bits, the others in 16 (vdm_jax/codec/file_format.py)."""
+  errors = []
+  for name, low, high in (('timesteps', 1, 2**32 - 1), ('batch_size', 1, 2**16 - 1),
+                          ('first_group', 1, None), ('resolution', 1, 2**16 - 1),
+                          ('first_resolution', 1, 2**16 - 1),
+                          ('first_images', 0, 2**32 - 1), ('support', 1, 2**16 - 1)):
+    if c[name] < low or (high is not None and c[name] > high):
+      errors.append(f'config.codec.{name} = {c[name]}: must be '
+                    + (f'≥ {low}.' if high is None else f'in {low}..{high}.'))
+  return errors
+
+
+def _check_quality_fields(config) -> list[str]:
+  """config.quality: the sample-quality numbers of --mode=sample (docs/maths.md §12)."""
+  errors, q = [], config.quality
+  _choice(errors, 'quality.features', q.features, feature_net.FEATURES)
+  if q.num_samples < 0:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must be ≥ 0 (0 = no '
+                  'sample-quality numbers).')
+  elif 0 < q.num_samples <= q.nearest_k:
+    errors.append(f'config.quality.num_samples = {q.num_samples}: must exceed '
+                  f'quality.nearest_k = {q.nearest_k} (each sample\'s ball reaches its '
+                  'k-th nearest neighbour), or be 0; a few hundred give stable numbers.')
+  for name in ('batch_size', 'nearest_k', 'feature_steps'):
+    if q[name] < 1:
+      errors.append(f'config.quality.{name} = {q[name]}: must be ≥ 1.')
+  if not 0.0 <= q.confidence < 1.0:
+    errors.append(f'config.quality.confidence = {q.confidence}: must be in [0, 1).')
+  if q.features == 'classifier' and config.data.dataset in datasets.DATASETS and not (
+      datasets.get(config.data.dataset).labelled):
+    errors.append(f"config.quality.features = 'classifier' needs labels, which "
+                  f'data.dataset = {config.data.dataset!r} does not provide here; use '
+                  "'autoencoder' or 'auto'.")
   return errors
 
 
@@ -219,6 +303,9 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
       errors.append(f'config.eval.num_examples = {config.eval.num_examples} exceeds the '
                     f'{split_size} images of the {config.eval.split!r} split of {info.name}; '
                     f'choose 1..{split_size}, or None for all.')
+    if config.quality.num_samples and config.quality.nearest_k >= info.num_test:
+      errors.append(f'config.quality.nearest_k = {config.quality.nearest_k} needs more '
+                    f'test images than the {info.num_test} of {info.name}: lower it.')
     if info.vocab_size != config.model.vocab_size:
       errors.append(f'config.model.vocab_size = {config.model.vocab_size} does not match '
                     f'the data: {info.name} has V = {info.vocab_size} values per sub-pixel; '
@@ -237,12 +324,16 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
 
 
 def config_difference(saved: dict, config, fields=MODEL_DEFINING) -> list[str]:
-  """The model-defining fields whose value differs from the saved config.json."""
+  """The model-defining fields whose value differs from the saved config.json.
+
+  A field the saved config lacks (it predates the field) counts as its default.
+  """
   flat_saved, flat_now = flatten(saved), flatten(config)
+  defaults = flatten(config_base.get_config())
   as_tuple = lambda v: tuple(v) if isinstance(v, list) else v
   diffs = []
   for key in fields:
-    old = as_tuple(flat_saved.get(key, '<absent>'))
+    old = as_tuple(flat_saved.get(key, defaults.get(key, '<absent>')))
     new = as_tuple(flat_now.get(key, '<absent>'))
     if old != new:
       diffs.append(f'{key}: saved {old!r}, now {new!r}')

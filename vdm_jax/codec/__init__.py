@@ -5,8 +5,9 @@
     images = codec.decompress(model, params, data)
 
 coder.py codes the latents and images on an ANS stack; tables.py quantises the
-Gaussians it codes; file_format.py is the file's header and its checks; tools.py reads
-and writes image files and runs the command-line modes.
+Gaussians it codes; file_format.py is the file's header and its checks; tools.py runs
+the command-line modes, images.py reads and writes their image files and paths.py checks
+and writes their --input and --output.
 """
 
 from vdm_jax.codec.coder import compress

@@ -75,7 +75,7 @@ def coding_table(gamma: np.ndarray, resolution: int, support: int) -> CodingTabl
   if max(q_half.max(), p_half.max()) * 2 + 1 > MAX_BINS:
     raise file_format.CodecError(
         f'A support of {int(max(q_half.max(), p_half.max())) * 2 + 1} bins exceeds '
-        f'{MAX_BINS}: lower coder.resolution or coder.support.')
+        f'{MAX_BINS}: lower config.codec.resolution or config.codec.support.')
   return CodingTable(T, int(resolution), int(support), g, delta, q_std, q_coef,
                      q_half.astype(np.int64), p_std_abs / delta, p_centre, p_eps,
                      p_half.astype(np.int64))

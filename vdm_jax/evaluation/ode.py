@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.data import input_pipeline
+from vdm_jax import errors
 from vdm_jax.model import schedules
 from vdm_jax.model import vdm
 from vdm_jax.runtime import parallel
@@ -53,6 +54,11 @@ RESULTS_FILE = 'eval_ode_results.json'
 SCALARS = ('bpd', 'bpd_stderr', 'bpd_mc_stderr', 'bpd_iw', 'nfe', 'seconds_per_image')
 # Vector field evaluations per step: (stages, whether the last is reused as the next first).
 _STAGES = {'dopri5': (7, True), 'tsit5': (7, True), 'heun': (2, False), 'euler': (1, False)}
+
+
+class SolverError(errors.InputError, RuntimeError):
+  """The solver did not reach t = 1 within config.ode.max_steps steps."""
+
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 GammaFn = Callable[[jax.Array], jax.Array]
@@ -338,9 +344,10 @@ def evaluate(model: vdm.VDM, params: Any, config, mesh, split: Optional[str] = N
       out, nfe, ok = parallel.to_host(step(params, arrays, jax.random.fold_in(key, i * ev.num_draws + d)))
       run_s += time.perf_counter() - start
       if not ok:
-        raise RuntimeError(
-            f'The ODE solver did not reach t = 1 within ode.max_steps = {opts.max_steps} '
-            'steps; raise ode.max_steps or loosen ode.rtol/ode.atol.')
+        raise SolverError(
+            f'config.ode.max_steps = {opts.max_steps}: the ODE solver did not reach t = 1 '
+            f'within that many steps (batch {i}). Raise --config.ode.max_steps, or loosen '
+            'ode.rtol/ode.atol; no result was written.')
       draws.append(out)
       nfes.append(float(nfe))
     mask = parallel.to_host(arrays['mask']).astype(bool)

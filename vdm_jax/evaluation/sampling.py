@@ -1,6 +1,8 @@
-"""Drawing samples from a trained VDM and saving them as an image grid (docs/maths.md §7)."""
+"""Drawing samples from a trained VDM, saving them as an image grid (docs/maths.md §7) and
+scoring many of them (vdm_jax/evaluation/sample_quality.py, §12)."""
 
 import math
+import time
 from typing import Any, Optional
 
 import jax
@@ -8,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import build as build_lib
+from vdm_jax.evaluation import feature_net
+from vdm_jax.evaluation import sample_quality
 from vdm_jax.model import vdm
 from vdm_jax.runtime import compiler
 from vdm_jax.runtime import parallel
@@ -70,13 +74,52 @@ def sample_and_save(run: build_lib.Run, params: Any, wd: workdir_lib.Workdir, st
   return samples, path
 
 
+def draw_samples(run: build_lib.Run, params: Any, num: int, batch_size: int,
+                 key: jax.Array) -> np.ndarray:
+  """`num` samples (config.sample's T and decoding) in calls of `batch_size`, call i
+  with fold_in(key, i); the last call is drawn whole and cut."""
+  sc = run.config.sample
+  batch_size = min(batch_size, num)
+  sampler = make_sampler(run.model, (batch_size,) + run.image_shape, sc.timesteps, sc.decode,
+                         sc.conditioning, run.mesh)
+  calls = [parallel.to_host(sampler(params, jax.random.fold_in(key, i)))
+           for i in range(-(-num // batch_size))]
+  return np.concatenate(calls)[:num]
+
+
+def score_samples(run: build_lib.Run, params: Any, wd: workdir_lib.Workdir, step: int,
+                  writer=None, features=None) -> dict:
+  """Draws config.quality.num_samples samples and writes their numbers (§12) to
+  sample_quality.json (and _<step>.json) and TensorBoard; returns them."""
+  config = run.config
+  q = config.quality
+  start = time.time()
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x51A1)
+  samples = draw_samples(run, params, q.num_samples, q.batch_size, key)
+  seconds = time.time() - start
+  results = sample_quality.evaluate_samples(samples, config, features)
+  results.update(timesteps=config.sample.timesteps, decode=config.sample.decode,
+                 use_ema=config.eval.use_ema, seconds_sampling=round(seconds, 1))
+  wd.write_results(results, step, sample_quality.RESULTS_FILE)
+  if writer is not None and jax.process_index() == 0:
+    writer.write_scalars(int(step), sample_quality.scalars(results))
+  return dict(results, step=int(step))
+
+
 def sample_workdir(config, workdir, mesh=None):
-  """--mode=sample: a grid of samples from the newest checkpoint; returns the PNG path."""
+  """--mode=sample: a grid of samples from the newest checkpoint and, when
+  config.quality.num_samples > 0, the numbers of that many; returns (PNG path, numbers
+  or None)."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
+  # Before any sampling: a bad cache folder fails fast, and a new network trains once.
+  features = feature_net.load_or_train(config) if config.quality.num_samples else None
   writer = wd.metric_writer(just_logging=jax.process_index() > 0)
+  params, step = run.eval_params(state), int(state.step)
   try:
-    _, path = sample_and_save(run, run.eval_params(state), wd, int(state.step), writer)
+    _, path = sample_and_save(run, params, wd, step, writer)
+    results = (score_samples(run, params, wd, step, writer, features)
+               if features is not None else None)
   finally:
     writer.flush()
-  return path
+  return path, results

@@ -2,6 +2,8 @@
 
 With model.channel_mult = (1,) the paper's U-Net, without any change of resolution
 (docs/maths.md §6.5); a longer channel_mult adds resolutions (§6.6, not in the paper).
+With model.prediction = 'v' the same network predicts v = α_t·ε − σ_t·f instead, without
+the residual z at its output (§11.1); the VDM turns v̂ into ε̂.
 Module and parameter names follow the original code exactly (`dense0`, `conv_in`, `down.block_{i}`, `mid.attn_1`, …), so
 that the original checkpoints load by mapping trees alone.
 """
@@ -203,6 +205,7 @@ class ScoreUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str = 'auto'
+  residual: bool = True  # add z to the output: ε̂ ≈ z at the noisy end (ε-prediction, §6)
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, conditioning: jax.Array,
@@ -266,8 +269,8 @@ class ScoreUNet(nn.Module):
     assert not hs
 
     h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype, name='GroupNorm_0')(h))
-    eps_hat = conv3x3(z.shape[-1], self.dtype, zero_init=True, name='conv_out')(h)
-    return eps_hat.astype(jnp.float32) + z
+    out = conv3x3(z.shape[-1], self.dtype, zero_init=True, name='conv_out')(h)
+    return out.astype(jnp.float32) + z if self.residual else out.astype(jnp.float32)
 
 
 def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
@@ -279,5 +282,5 @@ def make_score_model(config, name: Optional[str] = 'score_model') -> ScoreUNet:
       fourier_n_min=config.fourier_n_min, fourier_n_max=config.fourier_n_max,
       with_attention=config.with_attention, p_drop=config.p_drop,
       groups=config.groupnorm_groups, dtype=jnp.dtype(config.dtype),
-      remat=config.remat,
-      attention_impl=config.attention_impl, name=name)
+      remat=config.remat, attention_impl=config.attention_impl,
+      residual=config.prediction == 'eps', name=name)

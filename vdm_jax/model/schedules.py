@@ -138,3 +138,32 @@ def gamma_and_derivative(gamma_fn: Callable[[jax.Array], jax.Array], t):
   """(γ(t), γ'(t)) by forward-mode differentiation (jax.jvp), never finite differences."""
   t = _as_array(t)
   return jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+
+
+# ------------------------------------------------ §4 the shape trained for low variance
+@jax.custom_vjp
+def variance_gradient_carrier(shape_values, carrier):
+  """Identity on (shape_values, carrier) whose VJP turns ∂L/∂η into ∂(L²)/∂η (§4).
+
+  `carrier` is a zeros [B, 2] array that the objective uses as
+  carrier[:, 0]·stop_gradient(L_i) + carrier[:, 1], so its cotangent arrives as
+  (w_i·L_i, w_i), w_i the weight of example i in the reduced objective. The cotangent
+  of each example's shape values, w_i·∂L_i/∂s, is multiplied by 2·L_i = 2·(w_i·L_i)/w_i:
+  the shape parameters then receive Σ_i w_i·∂(L_i²)/∂η in the same backward pass.
+  """
+  return shape_values, carrier
+
+
+def _carrier_fwd(shape_values, carrier):
+  return (shape_values, carrier), None
+
+
+def _carrier_bwd(_, cotangents):
+  g_shape, g_carrier = cotangents
+  weight = g_carrier[:, 1]
+  two_loss = 2.0 * g_carrier[:, 0] / jnp.where(weight == 0, 1.0, weight)
+  scale = lambda g: g * two_loss.reshape((-1,) + (1,) * (g.ndim - 1))
+  return jax.tree.map(scale, g_shape), jnp.zeros_like(g_carrier)
+
+
+variance_gradient_carrier.defvjp(_carrier_fwd, _carrier_bwd)

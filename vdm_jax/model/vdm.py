@@ -2,7 +2,8 @@
 
 Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion Models". All losses are per
 example, in nats; docs/maths.md §1 (data), §3 (the bound), §4 (low-variance schedule training),
-§5 (weighted objectives) and §7 (ancestral sampling).
+§5 (weighted objectives), §7 (ancestral sampling) and §11 (v-prediction, noise levels drawn
+from a proposal).
 
     model = vdm_jax.VDM.from_config(config.model)
     variables = model.init(rngs, images, conditioning)
@@ -23,8 +24,10 @@ import ml_collections
 
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
+from vdm_jax.model import time_sampling
 
 WEIGHTINGS = ('elbo', 'sigmoid', 'elbo_plus_sigmoid')
+PREDICTIONS = ('eps', 'v')
 
 
 # ------------------------------------------------------------------ §1 encoder/decoder
@@ -153,22 +156,31 @@ def diffusion_loss_discrete(gamma_t: jax.Array, gamma_s: jax.Array, timesteps: i
       jnp.square(eps - eps_hat))
 
 
+def diffusion_loss_importance(log_density: jax.Array, eps: jax.Array,
+                              eps_hat: jax.Array) -> jax.Array:
+  """L_∞ = ½·‖ε − ε̂‖²/p(γ_t), γ_t drawn from the proposal p (11.3)."""
+  return 0.5 * jnp.exp(-log_density) * sum_except_batch(jnp.square(eps - eps_hat))
+
+
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
   """bpd = nats / (D·ln 2) (§3)."""
   return nats / (num_dims * math.log(2.0))
 
 
-def sample_times(key: jax.Array, batch: int, antithetic: bool) -> jax.Array:
-  """t ∈ [0, 1): antithetic t_i = (u + i/B) mod 1 over the *global* batch, or i.i.d. (§3)."""
-  if antithetic:
-    u = jax.random.uniform(key, ())
-    return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
-  return jax.random.uniform(key, (batch,))
-
-
 def discretise_times(t: jax.Array, timesteps: int) -> jax.Array:
   """t ← ceil(t·T)/T, in {1/T, …, 1} (t = 0 maps to 1/T so that s = t − 1/T ≥ 0) (§3)."""
   return jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
+
+
+# ------------------------------------------------------------------ §11 v-prediction
+def eps_from_v(v_hat: jax.Array, z_t: jax.Array, gamma_t: jax.Array) -> jax.Array:
+  """ε̂ = α_t·v̂ + σ_t·z_t, from a prediction of v = α_t·ε − σ_t·f (11.1)."""
+  return jnp.sqrt(nn.sigmoid(-gamma_t)) * v_hat + jnp.sqrt(nn.sigmoid(gamma_t)) * z_t
+
+
+def v_target(f: jax.Array, eps: jax.Array, gamma_t: jax.Array) -> jax.Array:
+  """v = α_t·ε − σ_t·f (11.1)."""
+  return jnp.sqrt(nn.sigmoid(-gamma_t)) * eps - jnp.sqrt(nn.sigmoid(gamma_t)) * f
 
 
 # ------------------------------------------------------------------ §5 weightings
@@ -195,35 +207,6 @@ def weighting(name: str, log_snr: jax.Array, sigmoid_bias: float = 2.0,
   raise ValueError(f'model.weighting must be one of {WEIGHTINGS}, got {name!r}.')
 
 
-# ------------------------------------------------------------------ §4 variance gradient
-@jax.custom_vjp
-def variance_gradient_carrier(shape_values, carrier):
-  """Identity on (shape_values, carrier) whose VJP turns ∂L/∂η into ∂(L²)/∂η (§4).
-
-  `carrier` is a zeros [B, 2] array that the objective uses as
-  carrier[:, 0]·stop_gradient(L_i) + carrier[:, 1], so its cotangent arrives as
-  (w_i·L_i, w_i), w_i the weight of example i in the reduced objective. The cotangent
-  of each example's shape values, w_i·∂L_i/∂s, is multiplied by 2·L_i = 2·(w_i·L_i)/w_i:
-  the shape parameters then receive Σ_i w_i·∂(L_i²)/∂η in the same backward pass.
-  """
-  return shape_values, carrier
-
-
-def _carrier_fwd(shape_values, carrier):
-  return (shape_values, carrier), None
-
-
-def _carrier_bwd(_, cotangents):
-  g_shape, g_carrier = cotangents
-  weight = g_carrier[:, 1]
-  two_loss = 2.0 * g_carrier[:, 0] / jnp.where(weight == 0, 1.0, weight)
-  scale = lambda g: g * two_loss.reshape((-1,) + (1,) * (g.ndim - 1))
-  return jax.tree.map(scale, g_shape), jnp.zeros_like(g_carrier)
-
-
-variance_gradient_carrier.defvjp(_carrier_fwd, _carrier_bwd)
-
-
 # ------------------------------------------------------------------ the model
 @flax.struct.dataclass
 class VDMOutput:
@@ -234,7 +217,9 @@ class VDMOutput:
   bpd: jax.Array  # (L_prior + L_recon + L_diff)/(D ln 2)
   objective: jax.Array  # training objective: L_recon + L_prior + weighted L_diff (§5)
   loss_diff_weighted: jax.Array  # w(λ_t)·L_diff; equals loss_diff for `elbo`
-  t: jax.Array  # the times drawn
+  t: jax.Array  # the times drawn (NaN where γ is drawn directly, in continuous time)
+  gamma_t: jax.Array  # γ_t, the noise level of each example's diffusion term
+  diff_integrand: jax.Array  # w(λ_t)·½‖ε − ε̂‖²: the weighted term per unit γ at γ_t (§11)
   gamma_0: jax.Array  # γ(0), scalar
   gamma_1: jax.Array  # γ(1), scalar
 
@@ -267,8 +252,11 @@ class VDM(nn.Module):
     return self.gamma(0.0), self.gamma(1.0)
 
   def score(self, z_t, gamma_t, conditioning, deterministic: bool = True):
-    """ε̂_θ(z_t, γ_t) (§6)."""
-    return self.score_model(z_t, gamma_t, conditioning, deterministic)
+    """ε̂_θ(z_t, γ_t) (§6), also when the network predicts v (11.1); gamma_t is [B]."""
+    out = self.score_model(z_t, gamma_t, conditioning, deterministic)
+    if self.config.prediction == 'v':
+      return eps_from_v(out, z_t, jnp.reshape(gamma_t, (-1,) + (1,) * (z_t.ndim - 1)))
+    return out
 
   def _gamma_terms(self, t, timesteps: int, gamma_0, gamma_1):
     """γ_t and either γ'(t) (T = 0) or γ_s (T > 0), with the §4 carrier if enabled.
@@ -286,17 +274,24 @@ class VDM(nn.Module):
     else:
       shape_values = (self.gamma.shape(t), self.gamma.shape(t - 1.0 / timesteps))
     carrier = jnp.zeros((t.shape[0], 2), jnp.float32)
-    (a, b), carrier = variance_gradient_carrier(shape_values, carrier)
+    (a, b), carrier = schedules.variance_gradient_carrier(shape_values, carrier)
     gamma_t = schedules.interpolate(gamma_0, gamma_1, a)
     if timesteps == 0:
       return gamma_t, (gamma_1 - gamma_0) * b, carrier
     return gamma_t, schedules.interpolate(gamma_0, gamma_1, b), carrier
 
   def __call__(self, images, conditioning, deterministic: bool = True,
-               timesteps: Optional[int] = None) -> VDMOutput:
-    """The bound for a batch of integer images [B, H, W, C] (§3); `timesteps` overrides T."""
+               timesteps: Optional[int] = None, sampling: Optional[str] = None,
+               bin_probs: Optional[jax.Array] = None) -> VDMOutput:
+    """The bound for a batch of integer images [B, H, W, C] (§3).
+
+    `timesteps` overrides T and `sampling` model.time_sampling (evaluation draws
+    antithetic time whatever the training used); `bin_probs` are the adaptive
+    proposal's bin masses (§11.5), computed from the train state.
+    """
     cfg = self.config
     T = cfg.timesteps if timesteps is None else int(timesteps)
+    sampling = cfg.time_sampling if sampling is None else sampling
     x = images
     batch = x.shape[0]
     gamma_0, gamma_1 = self.endpoints()
@@ -309,16 +304,32 @@ class VDM(nn.Module):
     # 2. Prior: KL(q(z_1 | x) ‖ N(0, I)).
     loss_klz = prior_loss(f, gamma_1)
 
-    # 3. Diffusion: t over the global batch, z_t = α_t f + σ_t ε, ε̂ = ε̂_θ(z_t, γ_t).
-    t = sample_times(self.make_rng('sample'), batch, cfg.antithetic_time_sampling)
-    if T > 0:
-      t = discretise_times(t, T)
-    gamma_t, second, carrier = self._gamma_terms(t, T, gamma_0, gamma_1)
+    # 3. Diffusion: one noise level per example, stratified over the global batch (§3e,
+    #    §11); z_t = α_t f + σ_t ε, ε̂ = ε̂_θ(z_t, γ_t).
+    u = time_sampling.stratified_uniforms(self.make_rng('sample'), batch,
+                                          stratified=sampling != 'uniform')
+    carrier = None
+    if sampling in time_sampling.IN_GAMMA:
+      proposal = time_sampling.Proposal(gamma_0, gamma_1, bin_probs)
+      if T == 0:  # γ_t ~ p(γ) directly (11.3)
+        gamma_t = proposal.inverse_cdf(u)
+        t = jnp.full_like(u, jnp.nan)
+      else:  # step k ~ q_k (11.6)
+        k, q = proposal.draw_steps(u, self.gamma(jnp.arange(T + 1) / T))
+        t = k / T
+        gamma_t, gamma_s = self.gamma(t), self.gamma(t - 1.0 / T)
+    else:
+      t = u if T == 0 else discretise_times(u, T)
+      gamma_t, second, carrier = self._gamma_terms(t, T, gamma_0, gamma_1)
     g = gamma_t[:, None, None, None]
     eps = jax.random.normal(self.make_rng('sample'), f.shape)
     z_t = jnp.sqrt(nn.sigmoid(-g)) * f + jnp.sqrt(nn.sigmoid(g)) * eps
-    eps_hat = self.score_model(z_t, gamma_t, conditioning, deterministic)
-    if T == 0:
+    eps_hat = self.score(z_t, gamma_t, conditioning, deterministic)
+    if sampling in time_sampling.IN_GAMMA and T == 0:
+      loss_diff = diffusion_loss_importance(proposal.log_density(gamma_t), eps, eps_hat)
+    elif sampling in time_sampling.IN_GAMMA:
+      loss_diff = diffusion_loss_discrete(gamma_t, gamma_s, T, eps, eps_hat) / (T * q)
+    elif T == 0:
       loss_diff = diffusion_loss_continuous(second, eps, eps_hat)
     else:
       loss_diff = diffusion_loss_discrete(gamma_t, second, T, eps, eps_hat)
@@ -334,7 +345,8 @@ class VDM(nn.Module):
     return VDMOutput(
         loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff,
         bpd=bits_per_dim(loss_recon + loss_klz + loss_diff, num_dims),
-        objective=objective, loss_diff_weighted=loss_diff_weighted, t=t,
+        objective=objective, loss_diff_weighted=loss_diff_weighted, t=t, gamma_t=gamma_t,
+        diff_integrand=0.5 * w * sum_except_batch(jnp.square(eps - eps_hat)),
         gamma_0=gamma_0, gamma_1=gamma_1)
 
   # ---------------------------------------------------------------- §7 sampling
@@ -344,7 +356,7 @@ class VDM(nn.Module):
     s = (timesteps - i - 1) / timesteps
     gamma_t, gamma_s = self.gamma(t), self.gamma(s)
     c = -jnp.expm1(gamma_s - gamma_t)
-    eps_hat = self.score_model(z_t, jnp.full((z_t.shape[0],), gamma_t), conditioning, True)
+    eps_hat = self.score(z_t, jnp.full((z_t.shape[0],), gamma_t), conditioning, True)
     sigma_t = jnp.sqrt(nn.sigmoid(gamma_t))
     mean = jnp.sqrt(nn.sigmoid(-gamma_s) / nn.sigmoid(-gamma_t)) * (z_t - sigma_t * c * eps_hat)
     eps_i = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape)

@@ -13,12 +13,12 @@ from typing import Any, Optional
 from absl import logging
 import flax
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from vdm_jax import errors
 from vdm_jax.runtime import gcs
-
 
 class CheckpointError(errors.InputError, ValueError):
   """No checkpoint of the workdir can be used; the message says what to do."""
@@ -69,21 +69,59 @@ def describe_mismatch(saved: dict, expected: dict, limit: int = 20) -> Optional[
   return '\n'.join(lines[:limit]) + more
 
 
-def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
-  """Parameter shapes recorded in the checkpoint's metadata, without reading arrays."""
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The state's tree of array metadata in the checkpoint, without reading arrays."""
   try:
     meta = manager.item_metadata(step)
     tree = meta['state'] if 'state' in meta else meta.state
     tree = getattr(tree, 'tree', tree)  # orbax ≥ 0.11 wraps the tree in a TreeMetadata
-    params = tree['params'] if isinstance(tree, dict) else tree.params
+    return dict(tree)
   except Exception:  # pylint: disable=broad-except
     return None
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
+
+
+def _shapes(tree) -> dict:
+  flat = flax.traverse_util.flatten_dict(tree, sep='/')
   return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
 
 
+def _restore_target(abstract_state: Any, saved: Optional[dict], resettable: tuple):
+  """The restore target and the `resettable` fields to start afresh (as zeros).
+
+  A resettable field (training bookkeeping such as the adaptive proposal's averages) that
+  the checkpoint lacks, or holds with other shapes, is left out of the target, or taken
+  with the saved shapes, and then replaced by zeros of the expected shapes.
+  """
+  if saved is None:
+    return abstract_state, ()
+  target = flax.serialization.to_state_dict(abstract_state)
+  reset = []
+  for name in resettable:
+    if getattr(abstract_state, name, None) is None:
+      continue
+    expected = _shapes(flax.serialization.to_state_dict(getattr(abstract_state, name)))
+    if name not in saved:  # written before the field existed
+      del target[name]
+    elif saved[name] is None:  # written empty
+      target[name] = None
+    elif _shapes(saved[name]) != expected:
+      sharding = jax.tree.leaves(abstract_state)[0].sharding
+      target[name] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name])
+    else:
+      continue
+    reset.append(name)
+  return (target, tuple(reset)) if reset else (abstract_state, ())
+
+
+def _zeros(abstract) -> Any:
+  return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+                      abstract)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   set_aside: bool = True) -> Optional[Any]:
+                   set_aside: bool = True, resettable: tuple = ('time_sampler',)
+                   ) -> Optional[Any]:
   """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
   A damaged checkpoint (unreadable files) is reported and the previous one tried; once
@@ -92,22 +130,25 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   good ones. A checkpoint of a different model raises CheckpointMismatchError naming
   the parameters. Returns the state, or None when there is no checkpoint. Readers that
   do not own the workdir (evaluation, sampling) pass set_aside=False and rename nothing.
+  The `resettable` fields of a checkpoint written without them, or with other shapes,
+  start afresh as zeros (see _restore_target).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   expected = _flat_shapes(abstract_state.params)
   damaged = []
   for step in steps:
-    saved = _saved_shapes(manager, step)
-    if saved is not None:
-      diff = describe_mismatch(saved, expected)
+    saved_tree = _saved_tree(manager, step)
+    if saved_tree is not None and 'params' in saved_tree:
+      diff = describe_mismatch(_shapes(saved_tree['params']), expected)
       if diff:
         raise CheckpointMismatchError(
             f'The checkpoint at step {step} in {manager.directory} holds a different '
             f'model than the config builds:\n{diff}\nUse the config it was trained with '
             '(saved as config.json beside it), or another --workdir.')
+    target, reset = _restore_target(abstract_state, saved_tree, resettable)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+          state=ocp.args.StandardRestore(target)))
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
                     'trying the previous one.', step, manager.directory,
@@ -117,7 +158,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     if set_aside:
       _set_aside(manager, damaged)
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
-    return restored['state']
+    state = restored['state']
+    if reset:
+      logging.warning('The checkpoint at step %d holds no %s of the expected shapes; '
+                      'it starts afresh.', step, ', '.join(reset))
+      fresh = {name: flax.serialization.to_state_dict(_zeros(getattr(abstract_state, name)))
+               for name in reset}
+      state = flax.serialization.from_state_dict(
+          abstract_state, {**{k: v for k, v in state.items() if k not in reset}, **fresh})
+    return state
   if steps:
     raise CheckpointError(
         f'None of the checkpoints {sorted(steps)} in {manager.directory} could be restored '

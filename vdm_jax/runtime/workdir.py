@@ -17,6 +17,7 @@ import pathlib
 import tempfile
 import time
 from typing import Optional
+import uuid
 
 from clu import metric_writers
 from etils import epath
@@ -72,6 +73,24 @@ class Workdir:
     except (FileExistsError, NotADirectoryError) as e:
       raise WorkdirError(f'--workdir={self.path} cannot be created: a part of that path is '
                          f'a file ({e}); choose another --workdir.') from e
+
+  def check_writable(self) -> None:
+    """Writes and removes a file in the workdir and in checkpoints/ (if present), so that
+    a run that could not save is refused before it starts (process 0 only)."""
+    if jax.process_index() != 0:
+      return
+    for folder in (self.path, self.checkpoint_dir):
+      if not folder.is_dir():
+        continue
+      probe = folder / f'.write_test.{uuid.uuid4().hex[:8]}'
+      try:
+        probe.write_bytes(b'')
+        probe.unlink()
+      except OSError as e:
+        raise WorkdirError(
+            f'cannot write to {folder} ({getattr(e, "strerror", None) or e}): this run '
+            'could not save its checkpoints. Make it writable (or choose another '
+            '--workdir); nothing in it was changed.') from e
 
   def require(self) -> None:
     """For eval, sample and the codec: the folder must exist; nothing is created."""

@@ -63,10 +63,15 @@ def _is_stale(owner: dict) -> bool:
 
 
 def _parse(data) -> dict:
+  """The lock's record; {} when there is none or it holds no record (half-written by a
+  dying owner, or anything else: such a lock names no owner and is taken over)."""
   try:
-    return json.loads(data) if data is not None else {}
+    record = json.loads(data) if data is not None else {}
   except (json.JSONDecodeError, UnicodeDecodeError):
-    return {}  # half-written by a dying owner
+    return {}
+  numbers = isinstance(record, dict) and all(
+      isinstance(record.get(k, 0), (int, float)) for k in ('started', 'heartbeat'))
+  return record if numbers else {}
 
 
 class _LocalLock:

@@ -9,8 +9,6 @@ checkpoint continues exactly as the uninterrupted run would have.
 
 import functools
 import math
-import signal
-import threading
 
 from absl import logging
 from clu import parameter_overview
@@ -26,10 +24,12 @@ from vdm_jax.data import input_pipeline
 from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
 from vdm_jax.evaluation import sampling
+from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import compiler
 from vdm_jax.runtime import parallel
+from vdm_jax.runtime import signals as signals_lib
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.runtime import workdir_lock
 from vdm_jax.training import optim
@@ -47,10 +47,15 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
   k_sample, k_dropout = jax.random.split(step_key)
   images, cond = batch['images'], batch['conditioning']
   num_dims = math.prod(images.shape[1:])
+  mc = config.model
+  adaptive = mc.time_sampling == 'adaptive'
+  # The adaptive proposal of this step comes from the averages before it (§11.5).
+  bin_probs = (time_sampling.adaptive_probs(state.time_sampler, mc.adaptive_decay,
+                                            mc.adaptive_uniform) if adaptive else None)
 
   def loss_fn(params):
     out = model.apply({'params': params}, images, cond, deterministic=False,
-                      rngs={'sample': k_sample, 'dropout': k_dropout})
+                      bin_probs=bin_probs, rngs={'sample': k_sample, 'dropout': k_dropout})
     return jnp.mean(out.objective), out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -60,11 +65,18 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
   params = optax.apply_updates(state.params, updates)
   ema_params = optim.ema_update(state.ema_params, params,
                                 optim.ema_rate(config.optimizer, state.step))
+  sampler = state.time_sampler
+  if adaptive:
+    bins = time_sampling.Proposal(out.gamma_0, out.gamma_1).bin_index(
+        out.gamma_t, mc.adaptive_bins)
+    sampler = time_sampling.update_adaptive(
+        sampler, bins, jax.lax.stop_gradient(out.diff_integrand), mc.adaptive_decay)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = train_state.TrainState(
       step=state.step + 1, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema_params, state.ema_params))
+      ema_params=keep(ema_params, state.ema_params),
+      time_sampler=keep(sampler, state.time_sampler))
 
   to_bpd = lambda nats: vdm.bits_per_dim(nats, num_dims)
   lr = optim.learning_rate_schedule(config.optimizer, config.training.num_steps)(state.step)
@@ -144,36 +156,12 @@ def nonfinite_message(step: int, metrics: dict, skipped: bool = False) -> str:
                  '--config.training.skip_nonfinite=True to skip such steps.')
 
 
-class _SignalFlag:
-  """Records SIGTERM/SIGINT so that the loop can stop at the end of the step in flight."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    self.signum = signum
-    logging.warning('Received signal %d: finishing the step in flight, then saving.', signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def agreed(self) -> bool:
-    """True on every process when any process got a signal (multi-host agreement)."""
-    local = self.signum is not None
-    if jax.process_count() == 1:
-      return local
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+def _agreed(signals: signals_lib.Deferred) -> bool:
+  """True on every process when any process got a signal (multi-host agreement)."""
+  local = signals.signum is not None
+  if jax.process_count() == 1:
+    return local
+  return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
 def _write_train_metrics(writer, step: int, pending: list[dict], skipped: int) -> None:
@@ -204,17 +192,28 @@ def _start(run, wd, manager, allow_config_change: bool):
 def train_and_evaluate(config, workdir, *, mesh=None,
                        allow_config_change: bool = False) -> train_state.TrainState:
   """Trains (resuming from the workdir's newest checkpoint), evaluating and sampling
-  periodically; returns the final state. Raises errors.Preempted after a signal."""
+  periodically; returns the final state.
+
+  config.json and the event file are written only once the run is known to start: the
+  config valid, the lock taken, the workdir writable, the checkpoint to resume from
+  restored. SIGTERM/SIGINT are deferred from before the lock is taken until it is let
+  go: one before the first step raises errors.Stopped with nothing changed, one during
+  training errors.Preempted after the step in flight and its checkpoint.
+  """
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
   wd.create()
-  with workdir_lock.hold(wd):
+  with signals_lib.Deferred() as signals, workdir_lock.hold(wd):
+    wd.check_writable()
     tc = config.training
     manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True)
-    writer = wd.metric_writer(just_logging=jax.process_index() > 0)
+    writer = None
     try:
       state = _start(run, wd, manager, allow_config_change)
-      wd.write_config(config)
+      if _agreed(signals):
+        raise errors.Stopped(signals.signum)
+      wd.write_config(config)  # the run starts: every check above has passed
+      writer = wd.metric_writer(just_logging=jax.process_index() > 0)
       step = int(jax.device_get(state.step))
       if step == 0:
         parameter_overview.log_parameter_overview(state.params)
@@ -222,12 +221,12 @@ def train_and_evaluate(config, workdir, *, mesh=None,
                               if isinstance(v, (int, float, str, bool))})
       logging.info('Training %s from step %d to %d on %d device(s); workdir %s.',
                    run.info.name, step, tc.num_steps, run.mesh.devices.size, wd)
-      with _SignalFlag() as signals:
-        state = _train_loop(run, wd, state, manager, writer, signals)
+      state = _train_loop(run, wd, state, manager, writer, signals)
     finally:
       manager.wait_until_finished()  # never leave a save half-written on the way out
       manager.close()
-      writer.flush()
+      if writer is not None:
+        writer.flush()
   return state
 
 
@@ -271,7 +270,7 @@ def _train_loop(run, wd, state, manager, writer, signals):
     if _is_multiple(step, tc.log_every) or step == tc.num_steps:
       _write_train_metrics(writer, step, pending, skipped)
       pending = []
-    preempt = signals.agreed()
+    preempt = _agreed(signals)
     if _is_multiple(step, tc.checkpoint_every) or step == tc.num_steps or preempt:
       checkpoints.save(manager, step, state)
     if preempt:

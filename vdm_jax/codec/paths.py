@@ -1,0 +1,107 @@
+"""--input and --output of the codec commands: checked before any work; the output is
+written beside its place and moved there only once complete, and never replaces an
+existing file unless --overwrite.
+"""
+
+import contextlib
+import os
+import shutil
+import uuid
+
+from vdm_jax.codec import file_format
+
+
+def _input_problems(path: str, images: bool) -> list[str]:
+  """What is wrong with --input: images (a .npz or a folder of PNG files), else a file."""
+  if not os.path.exists(path):
+    return [f'--input={path} does not exist.']
+  if images and not os.path.isdir(path) and not path.endswith('.npz'):
+    return [f'--input={path} is neither a .npz file nor a folder of PNG files.']
+  if not images and os.path.isdir(path):
+    return [f'--input={path} is a folder; --mode=decompress reads one file written by '
+            '--mode=compress.']
+  if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+    return [f'--input={path} cannot be read (permission denied).']
+  return []
+
+
+class Output:
+  """--output: one file, or (folder=True) a folder of files.
+
+  example: a file name to suggest when --output names a folder instead of a file.
+  """
+
+  def __init__(self, path: str, *, folder: bool, overwrite: bool, example: str):
+    self.path, self.folder, self.overwrite, self.example = path, folder, overwrite, example
+    self.parent = os.path.dirname(os.path.abspath(path))
+
+  def problems(self, input_path: str) -> list[str]:
+    p = self.path
+    if os.path.abspath(p) == os.path.abspath(input_path) or (
+        os.path.exists(p) and os.path.exists(input_path) and os.path.samefile(p, input_path)):
+      return [f'--output={p} is the --input: writing it would destroy the input. Choose '
+              'another --output.']
+    if not os.path.isdir(self.parent):
+      return [f'--output={p}: the folder {self.parent} does not exist. Create it, or choose '
+              'another --output.']
+    if not self.folder and os.path.isdir(p):
+      return [f'--output={p} is a folder; name a file, e.g. '
+              f'--output={os.path.join(p, self.example)}.']
+    if self.folder and os.path.exists(p) and not os.path.isdir(p):
+      return [f'--output={p} is a file; decoded PNG files go to a folder (or name a .npz '
+              'file).']
+    if not self.overwrite and self._taken():
+      what = 'is a folder that holds files' if self.folder else 'exists'
+      return [f'--output={p} {what}; choose another --output, or pass --overwrite to '
+              f'replace {"its files of the same names" if self.folder else "it"}.']
+    return []
+
+  def _taken(self) -> bool:
+    return os.path.isdir(self.path) and bool(os.listdir(self.path)) if self.folder else (
+        os.path.lexists(self.path))
+
+  @contextlib.contextmanager
+  def writing(self):
+    """Yields a new temporary file (or folder) beside --output, made at once so that a
+    place that cannot be written is reported before any work; moves it to --output when
+    the block completes, and removes it when the block fails."""
+    tmp = os.path.join(self.parent, f'.{os.path.basename(self.path)}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+      if self.folder:
+        os.mkdir(tmp)
+      else:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:
+      raise file_format.CodecError(
+          f'--output={self.path} cannot be written: {e.strerror} ({self.parent}). Make the '
+          'folder writable, or choose another --output.') from e
+    try:
+      yield tmp
+      self._move(tmp)
+    except BaseException:
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+      elif os.path.lexists(tmp):
+        os.unlink(tmp)
+      raise
+
+  def _move(self, tmp: str) -> None:
+    if not self.overwrite and self._taken():
+      raise file_format.CodecError(f'--output={self.path} appeared while this command ran; '
+                                   'nothing was written. Choose another --output.')
+    if not self.folder or not os.path.isdir(self.path):
+      os.replace(tmp, self.path)
+      return
+    for name in sorted(os.listdir(tmp)):
+      os.replace(os.path.join(tmp, name), os.path.join(self.path, name))
+    os.rmdir(tmp)
+
+
+def check(input_path: str, output: Output, *, images: bool) -> None:
+  """Raises a CodecError listing every problem of --input and --output, before any work.
+
+  images: --input holds images (compress); otherwise a compressed file (decompress).
+  """
+  problems = _input_problems(input_path, images) + output.problems(input_path)
+  if problems:
+    raise file_format.CodecError(' '.join(problems) + ' Nothing was written.')
