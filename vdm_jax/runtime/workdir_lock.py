@@ -123,8 +123,16 @@ class _BucketLock(gcs.LockObject):
 
 
 def _lock_of(wd: workdir_lib.Workdir):
-  path = wd.path / LOCK_FILE
+  return _lock_at(wd.path / LOCK_FILE)
+
+
+def _lock_at(path):
   return _BucketLock(path) if gcs.is_gcs(path) else _LocalLock(path)
+
+
+def _read(path) -> dict:
+  """The record of the lock at `path` ({} when there is none)."""
+  return _owner(_lock_at(path))[0]
 
 
 def _owner(lock) -> tuple[dict, object]:
