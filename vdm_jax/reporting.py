@@ -17,6 +17,7 @@ import traceback
 from typing import Optional
 
 from vdm_jax import errors
+from vdm_jax.runtime import gcs
 from vdm_jax.runtime import workdir as workdir_lib
 
 _exit_now = os._exit  # pylint: disable=protected-access  # replaced in tests
@@ -144,7 +145,7 @@ def reported(verbose: bool = False, workdir: Optional[str] = None):
   except user_errors as e:
     exit_with(str(e), verbose, e)
   except Exception as e:  # pylint: disable=broad-except
-    message = _filesystem_message(e, workdir)
+    message = _filesystem_message(e, workdir) or gcs.describe_fault(e, workdir)
     if message is None:
       raise
     exit_with(message, verbose, e, at_once=True)

@@ -9,7 +9,6 @@ are reported beside it, and optionally the discrete-time bound L_T for given T.
 import math
 from typing import Any, Optional, Sequence
 
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,13 +141,12 @@ class _WriterOnFirstUse:
   """clu's metric writer, made (with its event file) only when there is something to
   write, so that an evaluation that fails leaves the workdir as it was."""
 
-  def __init__(self, path: str):
-    self._path, self._writer = path, None
+  def __init__(self, wd):
+    self._wd, self._writer = wd, None
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self._writer is None:
-      self._writer = metric_writers.create_default_writer(
-          self._path, just_logging=jax.process_index() > 0)
+      self._writer = self._wd.metric_writer(just_logging=jax.process_index() > 0)
     self._writer.write_scalars(step, scalars)
 
   def flush(self) -> None:
@@ -161,7 +159,7 @@ def evaluate_workdir(config, workdir, mesh=None) -> dict:
   bound, or the ODE's likelihood), the results written beside it."""
   wd = workdir_lib.Workdir(workdir)
   run, state = build_lib.restore(config, wd, mesh)
-  writer = _WriterOnFirstUse(str(wd.path))
+  writer = _WriterOnFirstUse(wd)
   try:
     if config.eval.estimator == 'ode':
       return _ode_and_write(run, state, wd, writer)

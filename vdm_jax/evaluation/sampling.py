@@ -5,7 +5,6 @@ import math
 import time
 from typing import Any, Optional
 
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,8 +114,7 @@ def sample_workdir(config, workdir, mesh=None):
   run, state = build_lib.restore(config, wd, mesh)
   # Before any sampling: a bad cache folder fails fast, and a new network trains once.
   features = feature_net.load_or_train(config) if config.quality.num_samples else None
-  writer = metric_writers.create_default_writer(str(wd.path),
-                                                just_logging=jax.process_index() > 0)
+  writer = wd.metric_writer(just_logging=jax.process_index() > 0)
   params, step = run.eval_params(state), int(state.step)
   try:
     _, path = sample_and_save(run, params, wd, step, writer)

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the training state in `WORKDIR/checkpoints`.
 
 Saves are asynchronous and atomic (orbax writes to a temporary folder and renames it
-when complete), so a process killed at any moment leaves the previous checkpoints
-intact; the newest checkpoint that restores is used, a damaged one is reported and
+when complete; on gs://, which has no rename, it writes `commit_success.txt` into the
+step folder last and counts only folders that hold it), so a process killed at any
+moment leaves the previous checkpoints intact; the newest checkpoint that restores is used, a damaged one is reported and
 skipped. Restoring takes the target shardings from the current mesh, so a checkpoint
 written on 8 devices restores on 1 and vice versa.
 """
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from vdm_jax import errors
-
+from vdm_jax.runtime import gcs
 
 class CheckpointError(errors.InputError, ValueError):
   """No checkpoint of the workdir can be used; the message says what to do."""
@@ -32,7 +33,10 @@ def make_manager(workdir, keep: int = 3, asynchronous: bool = True,
   """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.runtime.workdir.Workdir)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(workdir.checkpoint_dir.absolute(), options=options,
+  directory = workdir.checkpoint_dir
+  if not gcs.is_gcs(directory):  # epath's absolute() would put the cwd before gs://
+    directory = directory.absolute()
+  return ocp.CheckpointManager(directory, options=options,
                                item_handlers={'state': ocp.StandardCheckpointHandler()})
 
 
@@ -121,7 +125,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
   A damaged checkpoint (unreadable files) is reported and the previous one tried; once
-  one restores, the damaged newer ones are set aside (renamed `<step>.damaged`), so
+  one restores, the damaged newer ones are set aside (moved to `<step>.damaged`), so
   that training can write those steps again and orbax never keeps them in place of
   good ones. A checkpoint of a different model raises CheckpointMismatchError naming
   the parameters. Returns the state, or None when there is no checkpoint. Readers that
@@ -172,7 +176,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-  """Renames damaged step folders to `<step>.damaged` (kept for inspection)."""
+  """Moves damaged step folders to `<step>.damaged` (kept for inspection).
+
+  On gs://, which has no rename, the move copies every object of the folder and then
+  deletes the originals (vdm_jax/runtime/gcs.py). Interrupted, the objects not yet
+  deleted stay under `<step>`: while its `commit_success.txt` is among them the folder
+  is found damaged and moved again by the next run; without it orbax ignores the folder
+  and replaces it when it saves that step again.
+  """
   if not steps:
     return
   if jax.process_index() == 0:

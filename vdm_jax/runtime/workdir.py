@@ -8,20 +8,25 @@
   WORKDIR/events.out.tfevents.*  TensorBoard (clu's writer)
 
 Every path goes through etils.epath, so a workdir may be a local folder or a bucket
-(`gs://…`) wherever orbax and TensorFlow's file system reach.
+(`gs://BUCKET/PATH`, reached as vdm_jax/runtime/gcs.py describes).
 """
 
 import io
 import json
+import pathlib
+import tempfile
+import time
 from typing import Optional
 import uuid
 
+from clu import metric_writers
 from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from vdm_jax import errors
+from vdm_jax.runtime import gcs
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -33,7 +38,11 @@ class WorkdirError(errors.InputError, ValueError):
 
 
 def _atomic_write(path: epath.Path, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it into place."""
+  """Writes `data` to a temporary file beside `path`, then renames it into place (on
+  gs:// an upload replaces an object whole, so it is written in place)."""
+  if gcs.is_gcs(path):
+    path.write_bytes(data)
+    return
   tmp = path.parent / f'.{path.name}.tmp'
   tmp.write_bytes(data)
   tmp.replace(path)
@@ -55,6 +64,7 @@ class Workdir:
   # ------------------------------------------------------------- existence
   def create(self) -> None:
     """Makes the folder (training, import); a clear error where that is impossible."""
+    self.check_access()
     if self.path.exists() and not self.path.is_dir():
       raise WorkdirError(f'--workdir={self.path} is a file, not a folder; choose another '
                          '--workdir (or move the file aside).')
@@ -84,10 +94,16 @@ class Workdir:
 
   def require(self) -> None:
     """For eval, sample and the codec: the folder must exist; nothing is created."""
+    self.check_access()
     if not self.path.is_dir():
       raise WorkdirError(f'--workdir={self.path} does not exist or is not a folder: train '
                          'there first (--mode=train), import a checkpoint there '
                          '(--mode=import_original), or point --workdir at a trained run.')
+
+  def check_access(self) -> None:
+    """On gs://: credentials and bucket usable (gcs.StorageError otherwise)."""
+    if gcs.is_gcs(self.path):
+      gcs.check_access(self.path)
 
   # ---------------------------------------------------------------- config
   def read_config(self) -> Optional[dict]:
@@ -149,3 +165,53 @@ class Workdir:
       pil.save(buffer, format='PNG')
       _atomic_write(path, buffer.getvalue())
     return path
+
+  # ----------------------------------------------------------- TensorBoard
+  def metric_writer(self, just_logging: bool = False) -> metric_writers.MetricWriter:
+    """clu's default writer: the log, and TensorBoard events in the workdir."""
+    if just_logging or not gcs.is_gcs(self.path):
+      return metric_writers.create_default_writer(str(self.path), just_logging=just_logging)
+    return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
+                                            _BucketSummaryWriter(self.path)])
+
+
+class _BucketSummaryWriter(metric_writers.SummaryWriter):
+  """TensorBoard events for a workdir on gs://, where objects cannot be appended to.
+
+  TensorFlow writes them to a local temporary folder; its files are uploaded whole on
+  every flush and at most UPLOAD_SECONDS after a write (TensorFlow's own writer flushes
+  every 120 s), and the folder is deleted on close.
+  """
+
+  UPLOAD_SECONDS = 120.0
+
+  def __init__(self, workdir: epath.Path):
+    self._local = tempfile.TemporaryDirectory(prefix='vdm_jax-events-')
+    self._remote = workdir
+    self._uploaded = {}  # name: size uploaded
+    self._last = time.monotonic()
+    super().__init__(self._local.name)
+
+  def _upload(self) -> None:
+    for file in sorted(pathlib.Path(self._local.name).iterdir()):
+      size = file.stat().st_size
+      if self._uploaded.get(file.name) != size:
+        (self._remote / file.name).write_bytes(file.read_bytes())
+        self._uploaded[file.name] = size
+    self._last = time.monotonic()
+
+  def write_scalars(self, step, scalars):
+    super().write_scalars(step, scalars)
+    if time.monotonic() - self._last > self.UPLOAD_SECONDS:
+      self.flush()
+
+  def flush(self):
+    super().flush()
+    self._upload()
+
+  def close(self):
+    super().close()
+    try:
+      self._upload()
+    finally:
+      self._local.cleanup()

@@ -5,11 +5,12 @@ file names the owner (host, pid, start time) and carries a heartbeat rewritten e
 HEARTBEAT_SECONDS by a background thread. A second trainer refuses at once, naming the
 owner. A lock is stale, and is taken over, when its owner is on this host and its
 process is gone (SIGKILL, a crash), or when its heartbeat is older than STALE_SECONDS
-(an owner on another host that died, or a hung one). On a local file system the lock
-is created with O_EXCL, so two starters cannot both win; on object stores (gs://),
-which have no exclusive create, it is written and read back, which leaves a window of
-a second in which two simultaneous starts could both proceed. Evaluation and sampling
-take no lock: they only read finalised checkpoints.
+(an owner on another host that died, or a hung one). Both kinds of workdir make the
+create exclusive, so two starters cannot both win: a local (or network) file system
+with O_EXCL, a bucket (gs://) with an upload on the condition that the object does not
+exist; on a bucket, a stale lock is replaced on the condition that it is still the
+generation read, so of two processes taking it over at once exactly one wins.
+Evaluation and sampling take no lock: they only read finalised checkpoints.
 """
 
 import contextlib
@@ -26,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vdm_jax.runtime import gcs
 from vdm_jax.runtime import workdir as workdir_lib
 
 LOCK_FILE = 'lock.json'
@@ -60,68 +62,121 @@ def _is_stale(owner: dict) -> bool:
   return False
 
 
-def _create(path, record: dict) -> bool:
-  """Creates the lock file holding `record`; False when it already exists."""
-  data = json.dumps(record).encode()
-  if '://' not in str(path):
-    try:
-      fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    return True
-  if path.exists():
-    return False
-  path.write_bytes(data)
-  return json.loads(path.read_text()).get('token') == record['token']
-
-
-def _read(path) -> dict:
-  """The lock's record; {} when it vanished or holds no record (half-written by a dying
-  owner, or anything else: such a file names no owner and is taken over)."""
+def _parse(data) -> dict:
+  """The lock's record; {} when there is none or it holds no record (half-written by a
+  dying owner, or anything else: such a lock names no owner and is taken over)."""
   try:
-    record = json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    record = json.loads(data) if data is not None else {}
+  except (json.JSONDecodeError, UnicodeDecodeError):
     return {}
   numbers = isinstance(record, dict) and all(
       isinstance(record.get(k, 0), (int, float)) for k in ('started', 'heartbeat'))
   return record if numbers else {}
 
 
-def acquire(wd: workdir_lib.Workdir) -> dict:
+class _LocalLock:
+  """The lock file on a file system: O_EXCL create, rename to refresh, unlink to free."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def create(self, data: bytes) -> bool:
+    try:
+      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    return True
+
+  def read(self):
+    """(content, modification time in ns), or (None, None) when there is no file."""
+    try:
+      return self.path.read_bytes(), os.stat(os.fspath(self.path)).st_mtime_ns
+    except FileNotFoundError:
+      return None, None
+
+  def replace(self, data: bytes, generation) -> bool:
+    """Takes over the stale lock: unlink, then create exclusively."""
+    del generation  # not a condition here: a file system has no conditional rename
+    try:
+      self.path.unlink()
+    except FileNotFoundError:
+      pass
+    return self.create(data)
+
+  def refresh(self, data: bytes) -> bool:
+    tmp = self.path.parent / f'.{self.path.name}.tmp'
+    tmp.write_bytes(data)
+    tmp.replace(self.path)
+    return True
+
+  def delete(self) -> None:
+    self.path.unlink()
+
+
+class _BucketLock(gcs.LockObject):
+  """The lock object on gs://: every write conditioned on the generation."""
+
+  def refresh(self, data: bytes) -> bool:
+    return self.replace(data, self.generation)
+
+
+def _lock_of(wd: workdir_lib.Workdir):
+  return _lock_at(wd.path / LOCK_FILE)
+
+
+def _lock_at(path):
+  return _BucketLock(path) if gcs.is_gcs(path) else _LocalLock(path)
+
+
+def _read(path) -> dict:
+  """The record of the lock at `path` ({} when there is none)."""
+  return _owner(_lock_at(path))[0]
+
+
+def _owner(lock) -> tuple[dict, object]:
+  data, generation = lock.read()
+  return _parse(data), generation
+
+
+def acquire(wd: workdir_lib.Workdir, lock=None) -> dict:
   """Takes the lock (process 0), taking over a stale one; returns our record."""
-  path = wd.path / LOCK_FILE
+  lock = _lock_of(wd) if lock is None else lock
   now = _now()
   record = dict(host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now,
                 token=uuid.uuid4().hex)
+  data = json.dumps(record).encode()
   for _ in range(3):
-    if _create(path, record):
+    if lock.create(data):
       return record
-    owner = _read(path)
+    owner, generation = _owner(lock)
+    if owner.get('token') == record['token']:
+      return record  # our create succeeded, but its answer was lost and it was retried
     if owner and not _is_stale(owner):
       raise WorkdirBusyError(
           f'{wd.path} is being trained by {_describe(owner)}. Two runs must not share a '
           'workdir: wait for it to finish, stop it, or use another --workdir. (If that '
-          f'process is gone, the lock {path} is taken over automatically once its '
+          f'process is gone, the lock {lock.path} is taken over automatically once its '
           f'heartbeat is {STALE_SECONDS:.0f} s old, or delete the file.)')
-    logging.warning('Taking over the stale lock %s of %s.', path,
+    if generation is None:
+      continue  # freed meanwhile: create again
+    logging.warning('Taking over the stale lock %s of %s.', lock.path,
                     _describe(owner) if owner else 'an unknown owner')
-    try:
-      path.unlink()
-    except FileNotFoundError:
-      pass
-  raise WorkdirBusyError(f'Could not take the lock {path}: other processes keep taking it. '
-                         'Make sure only one run uses this --workdir.')
+    if lock.replace(data, generation):
+      return record
+  raise WorkdirBusyError(f'Could not take the lock {lock.path}: other processes keep '
+                         'taking it. Make sure only one run uses this --workdir.')
 
 
 @contextlib.contextmanager
 def hold(wd: workdir_lib.Workdir):
   """Holds the workdir's lock (taken by process 0, agreed by all) for the block."""
-  error, record = None, None
+  error, record, lock = None, None, None
   if jax.process_index() == 0:
     try:
-      record = acquire(wd)
+      lock = _lock_of(wd)
+      record = acquire(wd, lock)
     except WorkdirBusyError as e:
       error = e
   if jax.process_count() > 1:
@@ -133,28 +188,42 @@ def hold(wd: workdir_lib.Workdir):
   stop = threading.Event()
   beat = None
   if record is not None:
-    beat = threading.Thread(target=_heartbeat, args=(wd.path / LOCK_FILE, record, stop),
-                            daemon=True, name='vdm_jax-workdir-lock')
+    beat = threading.Thread(target=_heartbeat, args=(lock, record, stop), daemon=True,
+                            name='vdm_jax-workdir-lock')
     beat.start()
   try:
     yield
   finally:
     stop.set()
     if beat is not None:
-      beat.join()
-      if _read(wd.path / LOCK_FILE).get('token') == record['token']:
-        (wd.path / LOCK_FILE).unlink()
+      beat.join(timeout=gcs.LOCK_RETRY_SECONDS)
+      _release(lock, record)
 
 
-def _heartbeat(path, record: dict, stop: threading.Event) -> None:
+def _release(lock, record: dict) -> None:
+  """Frees the lock if it is still ours; where that fails, it goes stale instead."""
+  try:
+    if isinstance(lock, _LocalLock):
+      if _owner(lock)[0].get('token') == record['token']:
+        lock.delete()
+    else:
+      lock.delete()  # conditioned on our generation
+  except Exception as e:  # pylint: disable=broad-except  # never hide the run's own error
+    logging.warning('Could not free the lock %s (%s); the next run takes it over as '
+                    'stale.', lock.path, e)
+
+
+def _heartbeat(lock, record: dict, stop: threading.Event) -> None:
   while not stop.wait(HEARTBEAT_SECONDS):
-    if _read(path).get('token') != record['token']:
-      logging.error('The lock %s was taken by another process.', path)
-      return
-    record['heartbeat'] = _now()
-    tmp = path.parent / f'.{path.name}.tmp'
     try:
-      tmp.write_text(json.dumps(record))
-      tmp.replace(path)
-    except OSError as e:  # a full disk must not kill training from a side thread
-      logging.warning('Could not refresh the lock %s: %s', path, e)
+      if isinstance(lock, _LocalLock) and _owner(lock)[0].get('token') != record['token']:
+        taken = True
+      else:
+        record['heartbeat'] = _now()
+        taken = not lock.refresh(json.dumps(record).encode())
+    except Exception as e:  # pylint: disable=broad-except  # a full disk or an unreachable
+      logging.warning('Could not refresh the lock %s: %s', lock.path, e)  # bucket must
+      continue  # not kill training from a side thread
+    if taken:
+      logging.error('The lock %s was taken by another process.', lock.path)
+      return

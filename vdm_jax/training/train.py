@@ -11,7 +11,6 @@ import functools
 import math
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 import jax
@@ -214,8 +213,7 @@ def train_and_evaluate(config, workdir, *, mesh=None,
       if _agreed(signals):
         raise errors.Stopped(signals.signum)
       wd.write_config(config)  # the run starts: every check above has passed
-      writer = metric_writers.create_default_writer(
-          str(wd.path), just_logging=jax.process_index() > 0)
+      writer = wd.metric_writer(just_logging=jax.process_index() > 0)
       step = int(jax.device_get(state.step))
       if step == 0:
         parameter_overview.log_parameter_overview(state.params)
