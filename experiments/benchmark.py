@@ -25,6 +25,7 @@ Writes JSON (--out, default stdout after the table) and prints a readable table.
 """
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -38,8 +39,15 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from vdm_jax import build
-from vdm_jax.data import datasets
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from compiled_costs import build_run
+from compiled_costs import count_eval_flops
+from compiled_costs import count_sampler_flops
+from compiled_costs import count_train_flops
+from compiled_costs import image_shape
+from compiled_costs import train_memory
 from vdm_jax.evaluation import sampling
 from vdm_jax.model import networks
 from vdm_jax.runtime import host_memory
@@ -71,22 +79,11 @@ flags.DEFINE_enum('matmul_dtype', 'float32', ['float32', 'bfloat16'],
 flags.DEFINE_string('out', None, 'Write the JSON here.')
 flags.DEFINE_bool('keep_freed_memory', True, 'Keep freed host memory in the process, as '
                   'vdm_jax.main does (vdm_jax/runtime/host_memory.py); false: glibc\'s defaults.')
-
-def image_shape(config):
-  """The data's [H, W, C], without reading the data where the registry knows it."""
-  shape = datasets.get(config.data.dataset).shape
-  if shape is None:
-    info = datasets.dataset_info(config.data)
-    shape = (info.height, info.width, info.channels)
-  return tuple(shape)
-
-
-def build_run(config, mesh, shape, batch: int):
-  """The run of `config` at global batch `batch` on synthetic data of `shape`."""
-  config = config.copy_and_resolve_references()
-  config.training.batch_size = config.eval.batch_size = batch
-  return build.build(config, mesh, image_shape=shape)
-
+flags.DEFINE_bool('ode', False, 'Also time the probability-flow ODE evaluator (config.ode).')
+flags.DEFINE_integer('ode_batch', 8, 'Global batch of the ODE evaluator benchmark.')
+flags.DEFINE_integer('ode_num_steps', 16,
+                     'Equal solver steps of the ODE benchmark, so that its NFE does not '
+                     'depend on the (untrained) network; 0 = the config\'s ode.num_steps.')
 
 def timed(fn, repeats: int) -> float:
   """Median seconds of `fn()` (which must block), after one untimed warm-up call."""
@@ -108,53 +105,18 @@ def matmul_rate(n: int = 2048, dtype: str = 'float32', repeats: int = 10) -> flo
   return 2.0 * n ** 3 / seconds
 
 
-def flops_of(lowered) -> float:
-  """XLA's FLOP count of a lowered or compiled computation (see counting_mesh)."""
-  cost = lowered.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
-
-
-def counting_mesh():
-  """One CPU device: where FLOPs are counted, whatever the benchmark runs on.
-
-  XLA's cost analysis after GPU compilation counts every convolution and matmul,
-  which became cuDNN/cuBLAS custom calls, as zero FLOPs (an H200 with jax 0.11.2:
-  2.8 of 155 GFLOP per cifar10 training image), and the unoptimised module's analysis
-  gave no count there at all. The arithmetic does not depend on the backend, so the
-  count comes from the computation lowered, not compiled, for the CPU. It is below
-  the compiled CPU count only by the elementwise work that XLA's fusions duplicate
-  (mnist train step: 0.4 % below; the tiny test model: 8 %).
-  """
-  return parallel.make_mesh(jax.devices('cpu')[:1])
-
-
-def counting_config(config):
-  """config with the attention unchunked, for counting FLOPs.
-
-  XLA's cost analysis counts a loop's body once, so the chunked attention (a
-  lax.map over images) would be undercounted; the batched form computes the same
-  function with the same arithmetic.
-  """
-  counting = config.copy_and_resolve_references()
-  counting.model.attention_impl = 'batched'
-  return counting
-
-
-def memory_of(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  return {k: int(getattr(m, k)) for k in (
-      'temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
-      'alias_size_in_bytes', 'generated_code_size_in_bytes') if hasattr(m, k)}
-
-
 def _synthetic_batch(shape, batch, vocab, steps):
   rng = np.random.default_rng(0)
   return {'images': rng.integers(0, vocab, (steps, batch) + tuple(shape), dtype=np.uint8),
           'conditioning': np.zeros((steps, batch), np.float32)}
+
+
+def _synthetic_eval_batch(mesh, shape, batch, vocab):
+  """One global evaluation batch: random images, every one counted (mask true)."""
+  local = _synthetic_batch(shape, batch, vocab, 1)
+  return {'images': parallel.global_array(mesh, local['images'][0]),
+          'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
+          'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
 
 
 def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
@@ -179,76 +141,13 @@ def bench_train(config, mesh, shape, batch: int, repeats: int) -> dict:
               flops_per_s=flops * steps / seconds, memory=memory)
 
 
-def lower_train_step(config, mesh, shape, batch: int):
-  """The train call lowered for one step (nothing is compiled or run)."""
-  run = build_run(config, mesh, shape, batch)
-  call = train.make_train_call(run.model, run.tx, run.config, mesh)
-  state = run.abstract_state()
-  spec = jax.ShapeDtypeStruct((1, batch) + tuple(shape), jnp.uint8,
-                              sharding=parallel.batch_sharding(mesh, 1))
-  cond = jax.ShapeDtypeStruct((1, batch), jnp.float32,
-                              sharding=parallel.batch_sharding(mesh, 1))
-  return call.lower(state, {'images': spec, 'conditioning': cond})
-
-
-def count_train_flops(config, shape, batch: int) -> float:
-  """FLOPs of one train step (a scan counts its body once, so a call of 1 step)."""
-  return flops_of(lower_train_step(counting_config(config), counting_mesh(), shape, batch))
-
-
-def count_eval_flops(config, shape, batch: int) -> float:
-  """FLOPs of one evaluation step (one draw per image)."""
-  from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  cmesh, model, params = _counting_model(config, shape)
-  step = evaluate.make_eval_step(model, cmesh, 1, None)
-
-  def spec(s, dtype):
-    return jax.ShapeDtypeStruct(s, dtype, sharding=parallel.batch_sharding(cmesh))
-
-  data = {'images': spec((batch,) + tuple(shape), jnp.uint8),
-          'conditioning': spec((batch,), jnp.float32), 'mask': spec((batch,), jnp.bool_)}
-  return flops_of(step.lower(params, data, _abstract_key(cmesh)))
-
-
-def count_sampler_flops(config, shape, num: int, timesteps: int) -> float:
-  """FLOPs of T sampler steps for `num` images: T × one step's."""
-  cmesh, model, params = _counting_model(config, shape)
-  step_fn = jax.jit(lambda p, z, key: model.apply(
-      {'params': p}, 0, timesteps, z, jnp.zeros((num,)), key,
-      method=type(model).sample_step))
-  z = jax.ShapeDtypeStruct((num,) + tuple(shape), jnp.float32,
-                           sharding=parallel.replicated(cmesh))
-  return flops_of(step_fn.lower(params, z, _abstract_key(cmesh))) * timesteps
-
-
-def _counting_model(config, shape):
-  """(counting mesh, model, abstract parameters on it) for counting_config(config)."""
-  cmesh = counting_mesh()
-  config = counting_config(config)
-  run = build_run(config, cmesh, shape, 1)
-  return cmesh, run.model, run.abstract_state().params
-
-
-def _abstract_key(mesh):
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
-
-
-def train_memory(config, mesh, shape, batch: int) -> dict:
-  """XLA's memory analysis of one compiled train step (nothing is run)."""
-  return memory_of(lower_train_step(config, mesh, shape, batch).compile())
-
-
 def bench_eval(config, mesh, shape, batch: int, repeats: int) -> dict:
   """images/s of the evaluation step (one draw per image), FLOPs per batch."""
   from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   run = build_run(config, mesh, shape, batch)
   model, params = run.model, run.init_state().params
   step = evaluate.make_eval_step(model, mesh, 1, None)
-  local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
-  data = {'images': parallel.global_array(mesh, local['images'][0]),
-          'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
-          'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
+  data = _synthetic_eval_batch(mesh, shape, batch, config.model.vocab_size)
   key = jax.random.key(0)
   flops = count_eval_flops(config, shape, batch)
   seconds = timed(lambda: jax.block_until_ready(step(params, data, key)), repeats)
@@ -266,6 +165,35 @@ def bench_sampler(config, mesh, shape, num: int, timesteps: int) -> dict:
   seconds = timed(lambda: jax.block_until_ready(sampler(params, key)), 1)
   return dict(num_samples=num, timesteps=timesteps, seconds=seconds,
               flops=flops, flops_per_s=flops / seconds)
+
+
+def bench_ode(config, batch: int, repeats: int, num_steps: int = 16) -> dict:
+  """images/s and NFE of one ODE evaluation step (vdm_jax/evaluation/ode.py) on initial params.
+
+  evaluations_per_s (network passes × images per second) carries over to a trained
+  model, whose adaptive solve needs its own NFE: images/s ≈ evaluations_per_s / NFE.
+  """
+  from vdm_jax.evaluation import ode  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  if num_steps:
+    config.ode.num_steps = num_steps
+  mesh = parallel.make_mesh()
+  shape = image_shape(config)
+  run = build_run(config, mesh, shape, batch)
+  model, params = run.model, run.init_state().params
+  opts = ode.Options.from_config(config.ode)
+  step = ode.make_eval_step(model, mesh, opts)
+  data = _synthetic_eval_batch(mesh, shape, batch, config.model.vocab_size)
+  out = {}
+
+  def run():
+    out['nll'], out['nfe'], _ = jax.block_until_ready(step(params, data, jax.random.key(0)))
+
+  seconds = timed(run, repeats)
+  nfe = float(out['nfe'])
+  return dict(batch=batch, nfe=nfe, seconds_per_batch=seconds, images_per_s=batch / seconds,
+              evaluations_per_s=nfe * batch / seconds, solver=opts.solver,
+              num_steps=opts.num_steps, trace=opts.trace, num_probes=opts.probes_per_solve)
 
 
 def run_benchmark(config, batch=None, eval_batch=None, repeats=3, sample_num=8,
@@ -368,50 +296,6 @@ def main(argv):
       f.write(text)
   else:
     print(text)
-
-
-# ------------------------------------------------------------------ the ODE evaluator
-flags.DEFINE_bool('ode', False, 'Also time the probability-flow ODE evaluator (config.ode).')
-flags.DEFINE_integer('ode_batch', 8, 'Global batch of the ODE evaluator benchmark.')
-flags.DEFINE_integer('ode_num_steps', 16,
-                     'Equal solver steps of the ODE benchmark, so that its NFE does not '
-                     'depend on the (untrained) network; 0 = the config\'s ode.num_steps.')
-
-
-def bench_ode(config, batch: int, repeats: int, num_steps: int = 16) -> dict:
-  """images/s and NFE of one ODE evaluation step (vdm_jax/evaluation/ode.py) on initial params.
-
-  evaluations_per_s (network passes × images per second) carries over to a trained
-  model, whose adaptive solve needs its own NFE: images/s ≈ evaluations_per_s / NFE.
-  """
-  from vdm_jax.evaluation import ode  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  if num_steps:
-    config.ode.num_steps = num_steps
-  mesh = parallel.make_mesh()
-  shape = image_shape(config)
-  run = build_run(config, mesh, shape, batch)
-  model, params = run.model, run.init_state().params
-  opts = ode.Options.from_config(config.ode)
-  step = ode.make_eval_step(model, mesh, opts)
-  local = _synthetic_batch(shape, batch, config.model.vocab_size, 1)
-  data = {'images': parallel.global_array(mesh, local['images'][0]),
-          'conditioning': parallel.global_array(mesh, local['conditioning'][0]),
-          'mask': parallel.global_array(mesh, np.ones((batch,), bool))}
-  out = {}
-
-  def run():
-    out['nll'], out['nfe'], _ = jax.block_until_ready(step(params, data, jax.random.key(0)))
-
-  seconds = timed(run, repeats)
-  nfe = float(out['nfe'])
-  return dict(batch=batch, nfe=nfe, seconds_per_batch=seconds, images_per_s=batch / seconds,
-              evaluations_per_s=nfe * batch / seconds, solver=opts.solver,
-              num_steps=opts.num_steps, trace=opts.trace, num_probes=opts.probes_per_solve)
-
-
-def main_with_ode(argv):
-  main(argv)
   if FLAGS.ode:
     r = bench_ode(FLAGS.config, FLAGS.ode_batch, FLAGS.repeats, FLAGS.ode_num_steps)
     print(f"ODE evaluator: {r['images_per_s']:.2f} img/s (batch {r['batch']}, NFE "
@@ -422,4 +306,4 @@ def main_with_ode(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main_with_ode)
+  app.run(main)

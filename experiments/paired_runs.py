@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sweep
+import sweep_grid
+import sweep_tables
 from vdm_jax import build
 from vdm_jax.data import input_pipeline
 from vdm_jax.evaluation import evaluate
@@ -49,13 +50,13 @@ from vdm_jax.runtime import host_memory
 
 def load_runs(root: str) -> list[dict]:
   runs = []
-  for path in sorted(glob.glob(os.path.join(root, '*', sweep.POINT_FILE))):
+  for path in sorted(glob.glob(os.path.join(root, '*', sweep_grid.POINT_FILE))):
     with open(path) as f:
       point = json.load(f)
     workdir = os.path.dirname(path)
-    overrides = sweep.overrides(point['settings'], point['fixed'])
+    overrides = sweep_grid.overrides(point['settings'], point['fixed'])
     runs.append(dict(settings=point['settings'], workdir=workdir,
-                     config=sweep.load_config(point['config'], overrides)))
+                     config=sweep_grid.load_config(point['config'], overrides)))
   return runs
 
 
@@ -185,9 +186,9 @@ def main(argv=None) -> int:
   p.add_argument('--title', default='Test bound during training')
   args = p.parse_args(argv)
   host_memory.keep_freed_memory()
-  reference = dict(sweep.parse_setting(s) for s in sweep.split_values(args.reference))
+  reference = dict(sweep_grid.parse_setting(s) for s in sweep_grid.split_values(args.reference))
   rows = compare(args.root, reference, args.variance_draws)
-  keys = sweep._setting_keys([sweep.Point(r['settings'], '', '') for r in rows])  # pylint: disable=protected-access
+  keys = sweep_tables.setting_keys([sweep_grid.Point(r['settings'], '', '') for r in rows])
   table = markdown(rows, keys)
   print(table)
   with open(os.path.join(args.root, 'paired.md'), 'w') as f:

@@ -43,15 +43,8 @@ for each T of eval.discrete_timesteps). Points without results have empty cells.
 
 import argparse
 import concurrent.futures
-import csv
-import dataclasses
-import hashlib
-import io
-import itertools
 import json
-import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -60,162 +53,25 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)  # vdm_jax's configs import it, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-POINT_FILE = 'sweep_point.json'
-RESULTS_FILE = 'eval_results.json'
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from sweep_grid import expand_grid
+from sweep_grid import load_config
+from sweep_grid import main_command
+from sweep_grid import make_points
+from sweep_grid import overrides
+from sweep_grid import parse_setting
+from sweep_grid import Point
+from sweep_grid import POINT_FILE
+from sweep_grid import SweepError
+from sweep_tables import find_points
+from sweep_tables import RESULTS_FILE
+from sweep_tables import write_tables
+
 LOG_FILE = 'sweep.log'
-RESULT_COLUMNS = ('bpd', 'bpd_stderr', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'step')
 MODES = ('train', 'eval', 'sample')
 PREEMPTED_EXIT_CODE = 75  # vdm_jax.errors.PREEMPTED_EXIT_CODE (importing vdm_jax imports jax).
-_MAX_NAME = 150
-_UNSAFE = re.compile(r'[^A-Za-z0-9._+=-]')
-_KEY = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
-
-
-class SweepError(ValueError):
-  """A grid or command line that cannot be swept; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-  settings: dict  # Swept key -> value string, in axis order.
-  name: str  # Directory name under the root.
-  workdir: str
-
-
-# ------------------------------------------------------------------- the grid
-
-
-def split_values(text: str) -> list[str]:
-  """Splits on commas outside brackets and quotes: '1,(2,3),"a,b"' -> 3 values."""
-  values, current, depth, quote = [], [], 0, None
-  for ch in text:
-    if quote:
-      quote = None if ch == quote else quote
-    elif ch in '\'"':
-      quote = ch
-    elif ch in '([{':
-      depth += 1
-    elif ch in ')]}':
-      depth -= 1
-    elif ch == ',' and depth == 0:
-      values.append(''.join(current))
-      current = []
-      continue
-    current.append(ch)
-  if quote or depth:
-    raise SweepError(f'Unbalanced brackets or quotes in {text!r}.')
-  values.append(''.join(current))
-  return values
-
-
-def parse_setting(spec: str) -> tuple[str, str]:
-  """'a.b=value' -> ('a.b', 'value'); the key must be a dotted config path."""
-  key, sep, value = spec.partition('=')
-  key = key.strip()
-  if key.startswith('config.'):
-    key = key[len('config.'):]
-  if not sep or not _KEY.match(key):
-    raise SweepError(f'{spec!r} is not KEY=VALUE with KEY a config path such as '
-                     'model.timesteps.')
-  return key, value
-
-
-def parse_axis(spec: str) -> tuple[str, list[str]]:
-  """'a.b=v1,v2' -> ('a.b', ['v1', 'v2']); values must be distinct."""
-  key, text = parse_setting(spec)
-  values = split_values(text)
-  if len(set(values)) != len(values):
-    raise SweepError(f'Axis {key} repeats a value: {values}.')
-  return key, values
-
-
-def expand_grid(product: list[str], zipped: list[str] = ()) -> list[dict]:
-  """Settings of every point: product(product axes..., the zipped group).
-
-  Args:
-    product: specs 'KEY=V1,V2,...'; every combination of their values.
-    zipped: specs advanced together: point i of the group takes value i of each.
-  Returns:
-    One {key: value string} per point, keys in the order given, the last product
-    axis varying fastest and the zip group innermost.
-  """
-  axes = [parse_axis(s) for s in product]
-  group = [parse_axis(s) for s in zipped]
-  keys = [k for k, _ in axes + group]
-  repeated = sorted({k for k in keys if keys.count(k) > 1})
-  if repeated:
-    raise SweepError(f'Swept more than once: {", ".join(repeated)}.')
-  if group:
-    lengths = {k: len(v) for k, v in group}
-    if len(set(lengths.values())) > 1:
-      raise SweepError('--zip axes need equal numbers of values, got ' + ', '.join(
-          f'{k}: {n}' for k, n in lengths.items()) + '.')
-    axes.append((None, [dict(zip([k for k, _ in group], vals))
-                        for vals in zip(*[v for _, v in group])]))
-  points = []
-  for combo in itertools.product(*[values for _, values in axes]):
-    settings = {}
-    for (key, _), value in zip(axes, combo):
-      settings.update(value if key is None else {key: value})
-    points.append(settings)
-  return points
-
-
-def workdir_name(settings: dict) -> str:
-  """A deterministic, filesystem-safe directory name for a point's settings."""
-  if not settings:
-    return 'base'
-  readable = ','.join(f'{k}={settings[k]}' for k in sorted(settings))
-  # Commas inside values would make the name ambiguous; '=' in values too.
-  parts = [f'{k}={_UNSAFE.sub("_", v.replace("=", "_"))}' for k, v in
-           sorted(settings.items())]
-  name = ','.join(parts)
-  if name != readable or len(name) > _MAX_NAME:
-    digest = hashlib.sha1(json.dumps(sorted(settings.items())).encode()).hexdigest()
-    name = f'{name[:_MAX_NAME]}-{digest[:10]}'
-  return name
-
-
-def make_points(root: str, grid: list[dict]) -> list[Point]:
-  points = [Point(s, workdir_name(s), os.path.join(root, workdir_name(s)))
-            for s in grid]
-  names = [p.name for p in points]
-  if len(set(names)) != len(names):  # Only identical settings can collide.
-    raise SweepError('Two points have the same settings.')
-  return points
-
-
-def overrides(settings: dict, fixed: dict) -> list[str]:
-  """`--config.KEY=VALUE` arguments: the fixed settings, then the swept ones."""
-  return [f'--config.{k}={v}' for k, v in {**fixed, **settings}.items()]
-
-
-def main_command(python: str, config: str, workdir: str, mode: str,
-                 args: list[str]) -> list[str]:
-  return [python, '-m', 'vdm_jax.main', f'--config={config}', f'--workdir={workdir}',
-          f'--mode={mode}'] + args
-
-
-def load_config(config: str, args: list[str]):
-  """The config with the overrides applied, exactly as vdm_jax.main parses them."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['sweep', f'--config={config}'] + args
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    values(argv)
-    cfg = values.config
-    cfg.training.num_steps  # pylint: disable=pointless-statement
-  except (AttributeError, KeyError) as e:
-    field = str(e.args[0] if e.args else e).strip('\'"')
-    raise SweepError(f"{config} has no field '{field}' (overrides: "
-                     f'{shlex.join(args)}).') from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise SweepError(f'{e} (overrides: {shlex.join(args)}).') from e
-  return cfg
 
 
 # ------------------------------------------------------------------- running
@@ -305,93 +161,6 @@ def run_sweep(points: list[Point], configs: list, args, fixed: dict) -> dict:
         stop.set()
         _log(lock, 'Interrupted: waiting for running points to checkpoint...')
   return {futures[f]: f.result() for f in futures}
-
-
-# ------------------------------------------------------------------- the table
-
-
-def find_points(root: str) -> list[Point]:
-  """Every point under root that has a sweep_point.json, in natural order."""
-  points = []
-  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-    path = os.path.join(root, name, POINT_FILE)
-    if os.path.isfile(path):
-      with open(path) as f:
-        points.append(Point(json.load(f)['settings'], name, os.path.join(root, name)))
-
-  def natural(value):
-    try:
-      return (0, float(value), '')
-    except (TypeError, ValueError):
-      return (1, 0.0, str(value))
-  keys = _setting_keys(points)
-  return sorted(points, key=lambda p: [natural(p.settings.get(k)) for k in keys])
-
-
-def _setting_keys(points: list[Point]) -> list[str]:
-  keys = []
-  for p in points:
-    keys += [k for k in p.settings if k not in keys]
-  return keys
-
-
-def collect(points: list[Point]) -> tuple[list[str], list[dict]]:
-  """(columns, rows): the swept settings and each point's results (None if absent)."""
-  rows, discrete = [], []
-  for p in points:
-    row = dict(p.settings)
-    try:
-      with open(os.path.join(p.workdir, RESULTS_FILE)) as f:
-        results = json.load(f)
-    except (OSError, ValueError):
-      results = {}
-    for k in RESULT_COLUMNS:
-      row[k] = results.get(k)
-    for t, v in (results.get('discrete') or {}).items():
-      row[f'bpd_T{t}'] = v
-      if f'bpd_T{t}' not in discrete:
-        discrete.append(f'bpd_T{t}')
-    rows.append(row)
-  discrete.sort(key=lambda c: int(c[5:]) if c[5:].isdigit() else 0)
-  return _setting_keys(points) + list(RESULT_COLUMNS) + discrete, rows
-
-
-def _cell(value, precise: bool) -> str:
-  if value is None:
-    return ''
-  if isinstance(value, float):
-    if not math.isfinite(value):
-      return str(value)
-    return repr(value) if precise else f'{value:.4f}'
-  return str(value)
-
-
-def markdown_table(columns: list[str], rows: list[dict]) -> str:
-  def line(cells):
-    return '| ' + ' | '.join(c.replace('|', r'\|') for c in cells) + ' |'
-  out = [line(columns), '|' + '|'.join('---' for _ in columns) + '|']
-  out += [line([_cell(r.get(c), False) for c in columns]) for r in rows]
-  return '\n'.join(out) + '\n'
-
-
-def csv_table(columns: list[str], rows: list[dict]) -> str:
-  buf = io.StringIO()
-  writer = csv.writer(buf, lineterminator='\n')
-  writer.writerow(columns)
-  for r in rows:
-    writer.writerow([_cell(r.get(c), True) for c in columns])
-  return buf.getvalue()
-
-
-def write_tables(root: str, points: list[Point]) -> str:
-  """Writes ROOT/results.md and ROOT/results.csv; returns the Markdown."""
-  columns, rows = collect(points)
-  md = markdown_table(columns, rows)
-  os.makedirs(root, exist_ok=True)
-  for name, text in (('results.md', md), ('results.csv', csv_table(columns, rows))):
-    with open(os.path.join(root, name), 'w') as f:
-      f.write(text)
-  return md
 
 
 # ------------------------------------------------------------------- main

@@ -1,5 +1,8 @@
 """Shared helpers for the tests: tiny models and parameter perturbation."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -73,18 +76,17 @@ def bend_nnet_schedule(schedule_params, key, strength=20.0):
   return p
 
 
-REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@__import__('functools').lru_cache(maxsize=None)  # its absl flags may be defined once
 def load_experiment(filename: str):
-  """The module experiments/FILENAME (a script, not a package), imported by path."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'experiments_' + filename.removesuffix('.py'), REPO / 'experiments' / filename)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The module experiments/FILENAME, imported by name with experiments/ on sys.path, as
+  the scripts import each other: each loads once (its absl flags are defined once)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  folder = str(REPO / 'experiments')
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(filename.removesuffix('.py'))
 
 
 def load_config(name: str):

@@ -1,4 +1,5 @@
-"""experiments/benchmark.py on the tiny test config: every figure present and consistent."""
+"""experiments/benchmark.py and compiled_costs.py on the tiny test config: every figure
+present and consistent."""
 
 import jax
 import pytest
@@ -8,12 +9,13 @@ import common
 pytestmark = pytest.mark.slow  # each test compiles and times whole models
 
 benchmark = common.load_experiment('benchmark.py')
+costs = common.load_experiment('compiled_costs.py')
 
 
 def test_benchmark_reports_rates_as_flops_over_time_and_matmul():
   config = common.load_config('test')
   result = benchmark.run_benchmark(config, batch=8, eval_batch=8, repeats=1,
-                                   sample_num=2, sample_steps=2)
+                                   sample_num=2, sample_steps=2, matmul_size=512)
   peak = result['matmul_flops_per_s']
   assert peak > 1e9  # any machine that runs JAX does more than 1 GFLOP/s
   for part in ('train', 'eval', 'sampler'):
@@ -27,7 +29,7 @@ def test_benchmark_reports_rates_as_flops_over_time_and_matmul():
   assert t['steps_per_call'] == steps and t['memory']['temp_size_in_bytes'] > 0
   assert result['sampler']['timesteps'] == 2
   text = benchmark.table(result)
-  for row in ('matmul 2048² float32', 'train step', 'eval pass', 'sampler', 'peak RSS'):
+  for row in ('matmul 512² float32', 'train step', 'eval pass', 'sampler', 'peak RSS'):
     assert row in text
 
 
@@ -44,7 +46,7 @@ def test_memory_only_compares_remat_without_timing():
 def test_flops_are_counted_with_the_attention_unchunked():
   """XLA counts a loop body once; the count must not depend on the attention's form."""
   config = common.load_config('test')
-  assert benchmark.counting_config(config).model.attention_impl == 'batched'
+  assert costs.counting_config(config).model.attention_impl == 'batched'
   assert config.model.attention_impl == 'auto'  # the original is left alone
 
 
@@ -58,21 +60,21 @@ def test_flops_count_every_convolution_and_little_else():
   """
   config = common.load_config('test')
   config.model.n_embd = 32  # convolution-dominated, as the real models are
-  shape = benchmark.image_shape(config)
+  shape = costs.image_shape(config)
   batch = 8
-  params = benchmark.build_run(config, benchmark.counting_mesh(), shape,
+  params = costs.build_run(config, costs.counting_mesh(), shape,
                                batch).abstract_state().params
   kernels = [p.shape for p in jax.tree_util.tree_leaves(params)
              if len(p.shape) == 4 and p.shape[:2] == (3, 3)]
   assert len(kernels) >= 4
   h, w, _ = shape
   conv_forward = sum(2 * (3 * h - 2) * (3 * w - 2) * cin * cout for _, _, cin, cout in kernels) * batch
-  eval_flops = benchmark.count_eval_flops(config, shape, batch)
-  train_flops = benchmark.count_train_flops(config, shape, batch)
+  eval_flops = costs.count_eval_flops(config, shape, batch)
+  train_flops = costs.count_train_flops(config, shape, batch)
   assert conv_forward < eval_flops < 1.5 * conv_forward
   assert 3 * conv_forward < train_flops < 1.5 * 3 * conv_forward
   # Against XLA's count of the CPU-compiled step: lower only by duplicated elementwise work.
-  compiled = benchmark.lower_train_step(benchmark.counting_config(config),
-                                        benchmark.counting_mesh(), shape, batch).compile()
-  compiled_flops = benchmark.flops_of(compiled)
+  compiled = costs.lower_train_step(costs.counting_config(config),
+                                        costs.counting_mesh(), shape, batch).compile()
+  compiled_flops = costs.flops_of(compiled)
   assert 0.9 * compiled_flops < train_flops <= compiled_flops

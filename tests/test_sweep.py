@@ -1,4 +1,5 @@
-"""experiments/sweep.py: grid expansion, workdir names, tables, one real sweep."""
+"""experiments/sweep.py and its sweep_grid.py, sweep_tables.py: grid expansion, workdir
+names, tables, one real sweep."""
 
 import csv
 import json
@@ -16,18 +17,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 sweep = common.load_experiment('sweep.py')
+sweep_grid = common.load_experiment('sweep_grid.py')
+sweep_tables = common.load_experiment('sweep_tables.py')
 
 
 def test_split_values_keeps_brackets_and_quotes():
-  assert sweep.split_values('1,2') == ['1', '2']
-  assert sweep.split_values('(10,100),(1000,)') == ['(10,100)', '(1000,)']
-  assert sweep.split_values('"a,b",[1,2],c') == ['"a,b"', '[1,2]', 'c']
-  with pytest.raises(sweep.SweepError, match='Unbalanced'):
-    sweep.split_values('(1,2')
+  assert sweep_grid.split_values('1,2') == ['1', '2']
+  assert sweep_grid.split_values('(10,100),(1000,)') == ['(10,100)', '(1000,)']
+  assert sweep_grid.split_values('"a,b",[1,2],c') == ['"a,b"', '[1,2]', 'c']
+  with pytest.raises(sweep_grid.SweepError, match='Unbalanced'):
+    sweep_grid.split_values('(1,2')
 
 
 def test_product_is_cartesian_last_axis_fastest():
-  grid = sweep.expand_grid(['model.timesteps=0,10', 'optimizer.learning_rate=1e-3,3e-3'])
+  grid = sweep_grid.expand_grid(['model.timesteps=0,10', 'optimizer.learning_rate=1e-3,3e-3'])
   assert grid == [
       {'model.timesteps': '0', 'optimizer.learning_rate': '1e-3'},
       {'model.timesteps': '0', 'optimizer.learning_rate': '3e-3'},
@@ -37,14 +40,14 @@ def test_product_is_cartesian_last_axis_fastest():
 
 
 def test_zip_pairs_elementwise_inside_the_product():
-  grid = sweep.expand_grid(['seed=0,1'], ['a.b=1,2', 'config.c=x,y'])
+  grid = sweep_grid.expand_grid(['seed=0,1'], ['a.b=1,2', 'config.c=x,y'])
   assert grid == [
       {'seed': '0', 'a.b': '1', 'c': 'x'}, {'seed': '0', 'a.b': '2', 'c': 'y'},
       {'seed': '1', 'a.b': '1', 'c': 'x'}, {'seed': '1', 'a.b': '2', 'c': 'y'},
   ]
-  assert sweep.expand_grid([], ['a=1,2', 'b=3,4']) == [{'a': '1', 'b': '3'},
+  assert sweep_grid.expand_grid([], ['a=1,2', 'b=3,4']) == [{'a': '1', 'b': '3'},
                                                      {'a': '2', 'b': '4'}]
-  assert sweep.expand_grid([]) == [{}]
+  assert sweep_grid.expand_grid([]) == [{}]
 
 
 @pytest.mark.parametrize('product, zipped, message', [
@@ -55,49 +58,49 @@ def test_zip_pairs_elementwise_inside_the_product():
     (['a b=1'], [], 'is not KEY=VALUE'),
 ])
 def test_bad_grids_are_clear_errors(product, zipped, message):
-  with pytest.raises(sweep.SweepError, match=re.escape(message)):
-    sweep.expand_grid(product, zipped)
+  with pytest.raises(sweep_grid.SweepError, match=re.escape(message)):
+    sweep_grid.expand_grid(product, zipped)
 
 
 def test_workdir_names_are_deterministic_and_safe():
   a = {'optimizer.learning_rate': '1e-3', 'model.timesteps': '10'}
   b = {'model.timesteps': '10', 'optimizer.learning_rate': '1e-3'}
-  assert sweep.workdir_name(a) == sweep.workdir_name(b) == (
+  assert sweep_grid.workdir_name(a) == sweep_grid.workdir_name(b) == (
       'model.timesteps=10,optimizer.learning_rate=1e-3')
-  assert sweep.workdir_name({}) == 'base'
+  assert sweep_grid.workdir_name({}) == 'base'
   odd = [{'data.npz_path': '/data/x y.npz'}, {'data.npz_path': '/data/x_y.npz'},
          {'e.t': '(10,100)'}, {'e.t': '(10_100)'}, {'s': "'a=b'"}, {'s': 'a' * 400}]
-  names = [sweep.workdir_name(s) for s in odd]
+  names = [sweep_grid.workdir_name(s) for s in odd]
   assert len(set(names)) == len(names)
   for name in names:
     assert re.fullmatch(r'[A-Za-z0-9._+=,-]+', name) and len(name) < 200, name
-  assert names == [sweep.workdir_name(s) for s in odd]
+  assert names == [sweep_grid.workdir_name(s) for s in odd]
 
 
 def test_overrides_and_commands_pass_values_verbatim():
-  args = sweep.overrides({'eval.discrete_timesteps': '(10,100)'},
+  args = sweep_grid.overrides({'eval.discrete_timesteps': '(10,100)'},
                          {'training.num_steps': '20'})
   assert args == ['--config.training.num_steps=20',
                   '--config.eval.discrete_timesteps=(10,100)']
-  cmd = sweep.main_command('py', 'configs/test.py', 'r/p', 'eval', args)
+  cmd = sweep_grid.main_command('py', 'configs/test.py', 'r/p', 'eval', args)
   assert cmd[:6] == ['py', '-m', 'vdm_jax.main', '--config=configs/test.py',
                      '--workdir=r/p', '--mode=eval']
 
 
 def test_overrides_are_checked_against_the_config():
-  cfg = sweep.load_config(os.path.join(REPO, 'configs/test.py'),
+  cfg = sweep_grid.load_config(os.path.join(REPO, 'configs/test.py'),
                           ['--config.model.timesteps=10',
                            '--config.eval.discrete_timesteps=(10,100)'])
   assert cfg.model.timesteps == 10 and tuple(cfg.eval.discrete_timesteps) == (10, 100)
-  with pytest.raises(sweep.SweepError, match="no field 'typo'"):
-    sweep.load_config(os.path.join(REPO, 'configs/test.py'), ['--config.model.typo=1'])
-  with pytest.raises(sweep.SweepError, match='abc'):
-    sweep.load_config(os.path.join(REPO, 'configs/test.py'),
+  with pytest.raises(sweep_grid.SweepError, match="no field 'typo'"):
+    sweep_grid.load_config(os.path.join(REPO, 'configs/test.py'), ['--config.model.typo=1'])
+  with pytest.raises(sweep_grid.SweepError, match='abc'):
+    sweep_grid.load_config(os.path.join(REPO, 'configs/test.py'),
                       ['--config.model.timesteps=abc'])
 
 
 def _fake_point(root, settings, results=None):
-  point = sweep.make_points(str(root), [settings])[0]
+  point = sweep_grid.make_points(str(root), [settings])[0]
   sweep._write_point_file(point, 'configs/test.py', {})  # pylint: disable=protected-access
   if results is not None:
     with open(os.path.join(point.workdir, 'eval_results.json'), 'w') as f:
@@ -110,7 +113,7 @@ def test_tables_collect_results_and_leave_missing_ones_empty(tmp_path):
                  bpd_diff=3.239, step=100, num_examples=16, discrete={'10': 3.5})
   points = [_fake_point(tmp_path, {'model.timesteps': '10'}, results),
             _fake_point(tmp_path, {'model.timesteps': '2'})]
-  md = sweep.write_tables(str(tmp_path), points)
+  md = sweep_tables.write_tables(str(tmp_path), points)
   assert md == (tmp_path / 'results.md').read_text()
   lines = md.splitlines()
   assert lines[0] == ('| model.timesteps | bpd | bpd_stderr | bpd_recon | bpd_prior | '
@@ -122,7 +125,7 @@ def test_tables_collect_results_and_leave_missing_ones_empty(tmp_path):
   assert rows[0]['model.timesteps'] == '10' and float(rows[0]['bpd']) == 3.25
   assert rows[1]['bpd'] == '' and rows[1]['step'] == ''
   # --collect finds the points by their sweep_point.json, in natural order (2 < 10).
-  assert [p.name for p in sweep.find_points(str(tmp_path))] == [
+  assert [p.name for p in sweep_tables.find_points(str(tmp_path))] == [
       'model.timesteps=2', 'model.timesteps=10']
   assert sweep.main(['--collect', f'--root={tmp_path}']) == 0
 
