@@ -1,10 +1,12 @@
-"""Session-wide test setup: one persistent XLA compilation cache for every subprocess.
+"""Session-wide test setup: one persistent XLA compilation cache for the whole session.
 
-Many tests run `python -m vdm_jax.main` or a script in a fresh interpreter, and each
-would compile the same tiny model's train and evaluation steps again (about half of a
-40 s CLI run of configs/test.py). The cache lives in this session's temporary folder,
-shared by pytest-xdist's workers, so nothing carries over between sessions. In-process
-tests keep JAX's in-memory cache only.
+Many tests build the same tiny model again, in process or in a fresh interpreter
+(`python -m vdm_jax.main`, a script), and each build would compile the same train and
+evaluation steps again (about half of a 40 s CLI run of configs/test.py); JAX's
+in-memory cache does not help, since every build makes new functions. The persistent
+cache keys on the compiled program instead. It lives in this session's temporary
+folder, shared by pytest-xdist's workers and the subprocesses they start, so nothing
+carries over between sessions.
 """
 
 import os
@@ -25,7 +27,19 @@ def subprocess_compilation_cache(tmp_path_factory):
               'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
   before = {k: os.environ.get(k) for k in settings}
   os.environ.update(settings)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  names = {'jax_compilation_cache_dir': str(path),
+           'jax_persistent_cache_min_compile_time_secs': 0.0,
+           'jax_persistent_cache_min_entry_size_bytes': -1}
+  in_process = {name: getattr(jax.config, name) for name in names}
+  for name, value in names.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
   yield path
+  for name, value in in_process.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
   for k, v in before.items():
     if v is None:
       os.environ.pop(k, None)

@@ -22,7 +22,6 @@ import time
 import types
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -210,23 +209,6 @@ def _scalars(workdir, tag: str) -> dict:
 # ------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope='module', autouse=True)
-def xla_cache(subprocess_compilation_cache):
-  """The session's compilation cache (tests/conftest.py) in process too, so that the
-  CLI processes reuse what the in-process reference run compiled."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', str(subprocess_compilation_cache))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 @pytest.fixture(autouse=True)
 def _reap():
   yield
@@ -239,7 +221,9 @@ def _reap():
 
 @pytest.fixture(scope='module')
 def cli_env():
-  return dict(os.environ, JAX_PLATFORMS='cpu')  # with the session's compilation cache
+  """The CLI's environment, with the session's compilation cache (tests/conftest.py),
+  which the in-process reference run fills."""
+  return dict(os.environ, JAX_PLATFORMS='cpu')
 
 
 @pytest.fixture(scope='module')

@@ -2,6 +2,7 @@
 (docs/maths.md §12)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import common
 from vdm_jax.data import datasets
 from vdm_jax.evaluation import feature_net
 from vdm_jax.evaluation import sample_quality
-from vdm_jax.training import train
 
 
 @pytest.fixture
@@ -81,20 +81,20 @@ def test_a_users_feature_function_replaces_the_network(judged):
 
 
 @pytest.mark.slow
-def test_sample_mode_reports_the_numbers(tmp_path):
-  cfg = common.load_config('test')
-  workdir = tmp_path / 'run'
-  train.train_and_evaluate(cfg, str(workdir))
-  quality = ['--config.quality.num_samples=24', '--config.quality.batch_size=16',
-             '--config.quality.feature_steps=20']
+def test_sample_mode_reports_the_numbers(trained_test_workdir, tmp_path):
+  workdir, refused = tmp_path / 'run', tmp_path / 'refused'
+  for path in (workdir, refused):
+    shutil.copytree(trained_test_workdir, path)
+  sample = ('-m', 'vdm_jax.main', '--config=configs/test.py', '--mode=sample',
+            '--config.quality.num_samples=24', '--config.quality.batch_size=16',
+            '--config.quality.feature_steps=20')
   blocker = tmp_path / 'file'
   blocker.write_text('')
-  bad = common.run_cli('--config=configs/test.py', f'--workdir={workdir}', '--mode=sample',
-                       *quality, f'--config.quality.cache_dir={blocker}/cache')
+  bad, proc = common.run_commands(
+      (*sample, f'--workdir={refused}', f'--config.quality.cache_dir={blocker}/cache'),
+      (*sample, f'--workdir={workdir}', f'--config.quality.cache_dir={tmp_path / "cache"}'))
   assert bad.returncode == 2 and 'error: config.quality.cache_dir' in bad.stderr
-  assert not list(workdir.glob('samples_*.png'))  # it stopped before sampling
-  proc = common.run_cli('--config=configs/test.py', f'--workdir={workdir}', '--mode=sample',
-                        *quality, f'--config.quality.cache_dir={tmp_path / "cache"}')
+  assert not list(refused.glob('samples_*.png'))  # it stopped before sampling
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'sample quality: 24 samples against the 297 test images' in proc.stdout
   results = json.loads((workdir / 'sample_quality.json').read_text())

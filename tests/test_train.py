@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import socket
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import common
+from vdm_jax import build
 from vdm_jax.data import datasets
 from vdm_jax.evaluation import evaluate
 from vdm_jax.evaluation import sampling
@@ -24,12 +26,12 @@ def _test_config(**training):
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
-  """An uninterrupted 6-step run of configs/test.py on 1 device (in process)."""
-  workdir = tmp_path_factory.mktemp('reference')
+def reference_run(trained_test_workdir):
+  """(config, workdir, final state) of the uninterrupted 6-step run of configs/test.py
+  on 1 device (tests/conftest.py; copy the workdir before changing it)."""
   cfg = _test_config()
-  state = train.train_and_evaluate(cfg, str(workdir))
-  return cfg, workdir, jax.tree.map(np.asarray, jax.device_get(state))
+  _, state = build.restore(cfg, str(trained_test_workdir))
+  return cfg, trained_test_workdir, jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def test_next_boundary_stops_at_every_event():
@@ -223,8 +225,10 @@ def test_tfds_dataset_through_mock_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_mode_writes_a_png(reference_run):
-  cfg, workdir, _ = reference_run
+def test_sample_mode_writes_a_png(reference_run, tmp_path):
+  cfg, trained, _ = reference_run
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(trained, workdir)
   path, quality = sampling.sample_workdir(cfg, str(workdir))
   assert quality is None  # configs/test.py scores no samples
   from PIL import Image  # pylint: disable=g-import-not-at-top
