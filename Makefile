@@ -24,11 +24,11 @@ mnist: setup
 
 # Every test, the slow end-to-end ones included (what CI runs).
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # Everything but the tests marked slow.
 test-fast: setup
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

@@ -93,3 +93,17 @@ def gcs_bucket():
   server.stop()
   for k in added:
     os.environ.pop(k, None)
+
+
+def pytest_itemcollected(item):
+  """Tests that share a module-scoped fixture form one pytest-xdist group: under
+  `--dist loadgroup` (the Makefile's) they run on one worker, so that the fixture (a
+  trained workdir, an 8-device run) is set up once rather than once per worker. (Marked
+  as each test is collected: pytest-xdist reads the groups in its own
+  pytest_collection_modifyitems.)"""
+  info = getattr(item, '_fixtureinfo', None)
+  for name in getattr(item, 'fixturenames', ()):
+    definitions = info.name2fixturedefs.get(name) if info else None
+    if definitions and definitions[-1].scope == 'module':
+      item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}:{name}'))
+      return

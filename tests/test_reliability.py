@@ -371,7 +371,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_stop_at_the_same_step(tmp_path, cli_env):
+def test_two_processes_stop_at_the_same_step_and_agree_with_one(reference, tmp_path, cli_env):
+  """jax.distributed: two processes of one device each, one of them told to stop."""
+  ref_cfg, ref_dir, _ = reference
   cfg = _config(training=SIGNAL_TRAINING)
   flags = _flags(training=dict(SIGNAL_TRAINING, num_steps=1000))
   env = dict(cli_env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
@@ -383,12 +385,21 @@ def test_two_processes_stop_at_the_same_step(tmp_path, cli_env):
   runs[1].send(signal.SIGTERM)  # only one process is told
   codes = [run.finish() for run in runs]
   assert codes == [errors.PREEMPTED_EXIT_CODE] * 2, [r.output[-2000:] for r in runs]
+  assert 'Process 1 of 2' in runs[1].output and '2 device(s)' in runs[0].output
   steps = [int(re.search(r'Stopped by signal at step (\d+)', r.output).group(1))
            for r in runs]
-  assert steps[0] == steps[1] and 3 <= steps[0] < 1000
+  assert steps[0] == steps[1] and 3 <= steps[0] < NUM_STEPS  # the reference kept 1..20
   assert 'Received signal' in runs[1].output and 'Received signal' not in runs[0].output
   assert _complete_steps(tmp_path) == [steps[0]]
-  assert int(_restore(tmp_path, cfg).step) == steps[0]
+  state = _restore(tmp_path, cfg)
+  assert int(state.step) == steps[0]
+  # The two processes trained like one (the learning rate does not depend on
+  # num_steps): the same global batches, noise levels and proposal, reduced in
+  # another order.
+  reference_state = _restore(ref_dir, ref_cfg, steps[0])
+  common.assert_params_close_across_reduction_orders(state.params, reference_state.params)
+  np.testing.assert_allclose(state.time_sampler.mean_loss,
+                             reference_state.time_sampler.mean_loss, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- non-finite

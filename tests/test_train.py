@@ -1,9 +1,9 @@
-"""Training end to end: resume, devices, processes, evaluation coverage, CLI, tfds."""
+"""Training end to end: resume, devices, evaluation coverage, CLI, tfds (several processes:
+tests/test_reliability.py)."""
 
 import json
 import math
 import shutil
-import socket
 
 import jax
 import numpy as np
@@ -143,44 +143,8 @@ def test_checkpoint_from_8_devices_restores_on_1(eight_devices, reference_run):
   saved = np.load(workdir / 'final_params.npz')
   written = [saved[f'arr_{i}'] for i in range(len(saved.files))]
   common.assert_trees_equal(jax.tree.leaves(params), written)  # bit for bit
-  # …and the 8-device run trained like the 1-device one (see _assert_close_params).
-  _assert_close_params(params, full.params)
-
-
-def _assert_close_params(a, b):
-  """Parameters of runs that differ only in the reduction order of their gradients.
-
-  Adam divides by √v: where a gradient is float noise (~1e-9), the noise sets the
-  sign of a ~lr·0.1 update, so such coordinates may differ by ~1e-5 after a few steps;
-  everything else agrees to float32 rounding amplified over 6 steps.
-  """
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-5), a, b)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_agree_with_one(reference_run, tmp_path):
-  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  cfg, _, full = reference_run
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
-       f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
-       '--num_processes=2', f'--process_id={i}'],
-      cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  assert 'Process 1 of 2' in logs[1] and '2 device(s)' in logs[0]
-  _assert_close_params(common.params_of(tmp_path, cfg), full.params)
+  # …and the 8-device run trained like the 1-device one (see common.assert_params_close_across_reduction_orders).
+  common.assert_params_close_across_reduction_orders(params, full.params)
 
 
 @pytest.mark.slow
