@@ -12,6 +12,8 @@ import pytest
 
 import common
 
+pytestmark = pytest.mark.slow  # each test runs scripts end to end
+
 CONFIG = 'configs/test.py'
 TIMESTEPS = 20  # T of the codec runs: few network passes, every code path.
 
@@ -81,7 +83,6 @@ def test_codec_benchmark_splits_each_pass_into_shares_that_sum_to_one(codec_scri
   assert '| encode |' in done[2].stdout
 
 
-@pytest.mark.slow  # two benchmark processes and a git worktree
 def test_interleave_alternates_two_trees_and_reports_their_ratio(tmp_path):
   if not (common.REPO / '.git').exists():
     pytest.skip('interleave.py compares git commits; this is not a git checkout')

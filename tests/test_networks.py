@@ -348,6 +348,7 @@ def test_channel_mult_builds_a_u_net_of_the_given_widths():
   assert 'up.block_4/conv1/kernel' not in shapes and 'down.block_2/conv1/kernel' not in shapes
 
 
+@pytest.mark.slow  # compiles two gradients of a two-level U-Net (~40 s)
 def test_channel_mult_every_level_is_trained_and_remat_agrees():
   """Every parameter of every resolution gets a gradient; remat changes no value."""
   cfg = common.tiny_model_config(channel_mult=(1, 2), p_drop=0.0)

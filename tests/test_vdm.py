@@ -267,6 +267,7 @@ def test_sigmoid_weightings_change_only_the_objective(name):
     vdm.weighting('cosine', jnp.zeros(2))
 
 
+@pytest.mark.slow  # compiles three gradients of the whole model (~20 s each)
 @pytest.mark.parametrize('timesteps', [0, 20])
 def test_variance_gradient_is_the_gradient_of_the_mean_square(timesteps):
   """§4: shape parameters get ∂ mean(L²), endpoints and θ get ∂ mean(bound)."""
