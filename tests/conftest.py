@@ -33,6 +33,33 @@ def subprocess_compilation_cache(tmp_path_factory):
       os.environ[k] = v
 
 
+@pytest.fixture(scope='module')
+def in_process_compilation_cache(subprocess_compilation_cache):
+  """The session's compilation cache in this process too, every program cached, for one
+  module's tests: its CLI processes reuse what its in-process runs compiled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', str(subprocess_compilation_cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def background_clis():
+  """Kills, after the test, the common.BackgroundCli processes it left running."""
+  import common  # pylint: disable=g-import-not-at-top
+  yield common.BackgroundCli
+  common.reap_background_clis()
+
+
 @pytest.fixture(scope='session')
 def digits_features(tmp_path_factory):
   """(configs/test.py with a feature network of 300 steps cached in a temporary folder,

@@ -16,13 +16,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import types
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,6 +27,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import common
+from common import BackgroundCli as _Cli
 from vdm_jax import build
 from vdm_jax.data import datasets
 from vdm_jax.data import input_pipeline
@@ -50,7 +48,10 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 # part of every checkpoint, kill and resume below, beside parameters, EMA and optimiser.
 MODEL = dict(time_sampling='adaptive')
 
-pytestmark = pytest.mark.slow  # every test here trains, or reads a trained workdir
+# Every test here trains, or reads a trained workdir; the CLI processes reuse what the
+# in-process runs compiled, and are killed after each test.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.usefixtures('in_process_compilation_cache', 'background_clis')]
 
 
 # -------------------------------------------------------------------- helpers
@@ -120,71 +121,6 @@ def _damage_messages(caplog) -> list[str]:
   return [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
 
 
-class _Cli:
-  """`python -m vdm_jax.main --mode=train` in the background, output read line by line."""
-
-  running = []  # killed at the end of each test, whatever happened
-
-  def __init__(self, workdir, flags, env):
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
-         f'--workdir={workdir}', *flags],
-        cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-    _Cli.running.append(self.proc)
-    self.lines = []
-    self.times = []  # when each line arrived
-    self.done = False
-    self._cond = threading.Condition()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      with self._cond:
-        self.lines.append(line)
-        self.times.append(time.monotonic())
-        self._cond.notify_all()
-    with self._cond:
-      self.done = True
-      self._cond.notify_all()
-
-  def wait_for(self, pattern: str, timeout: float = 300) -> bool:
-    """Waits for a line matching `pattern`; False if the process ended first."""
-    regex = re.compile(pattern)
-    seen = 0
-    deadline = time.monotonic() + timeout
-    with self._cond:
-      while True:
-        if any(regex.search(line) for line in self.lines[seen:]):
-          return True
-        seen = len(self.lines)
-        if self.done:
-          return False
-        left = deadline - time.monotonic()
-        assert left > 0, f'timed out waiting for {pattern!r}:\n{self.output[-3000:]}'
-        self._cond.wait(left)
-
-  def step_interval(self) -> float:
-    """The median time between the metric lines of successive steps so far."""
-    with self._cond:
-      times = [t for t, line in zip(self.times, self.lines) if '] train/' in line]
-    return float(np.median(np.diff(times))) if len(times) > 1 else 0.0
-
-  def send(self, sig) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(sig)
-
-  def finish(self, timeout: float = 300) -> int:
-    rc = self.proc.wait(timeout)
-    with self._cond:
-      self._cond.wait_for(lambda: self.done, timeout)
-    return rc
-
-  @property
-  def output(self) -> str:
-    return ''.join(self.lines)
-
-
 def _poison(monkeypatch, step: int, value: float) -> None:
   """Training batch `step` gets conditioning = value (e.g. NaN)."""
   original = input_pipeline.train_batches
@@ -208,33 +144,6 @@ def _scalars(workdir, tag: str) -> dict:
 
 
 # ------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope='module', autouse=True)
-def xla_cache(subprocess_compilation_cache):
-  """The session's compilation cache (tests/conftest.py) in process too, so that the
-  CLI processes reuse what the in-process reference run compiled."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', str(subprocess_compilation_cache))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(autouse=True)
-def _reap():
-  yield
-  while _Cli.running:
-    proc = _Cli.running.pop()
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
 
 
 @pytest.fixture(scope='module')
