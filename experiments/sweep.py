@@ -39,6 +39,10 @@ one table, printed as Markdown and written to ROOT/results.md and ROOT/results.c
 the swept settings, then bpd, bpd_stderr, the three terms and the step (and bpd_T<T>
 for each T of eval.discrete_timesteps). Points without results have empty cells.
 `--collect` alone lists every point found under ROOT (via ROOT/*/sweep_point.json).
+
+ROOT may be a bucket, gs://BUCKET/PATH (vdm_jax/runtime/gcs.py: the clients and their
+credentials): every file of the sweep goes through etils.epath, and each point's
+sweep.log is written locally while its command runs, then appended to the bucket's.
 """
 
 import argparse
@@ -46,6 +50,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import importlib
 import io
 import itertools
 import json
@@ -55,6 +60,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -70,6 +76,34 @@ PREEMPTED_EXIT_CODE = 75  # vdm_jax.errors.PREEMPTED_EXIT_CODE (importing vdm_ja
 _MAX_NAME = 150
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+=-]')
 _KEY = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
+
+
+def _path(path: str):
+  """`path` (local, or gs://BUCKET/PATH) as an etils.epath.Path."""
+  if path.startswith('gs://'):  # vdm_jax.runtime.gcs chooses epath's client for gs://
+    importlib.import_module('vdm_jax.runtime.gcs')
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _write_text(path, text: str) -> None:
+  """Replaces the file at `path` (an epath.Path) whole: locally through a temporary
+  file renamed into place; on gs:// an upload replaces an object whole."""
+  if str(path).startswith('gs://'):
+    path.write_text(text)
+    return
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _read_json(path) -> dict:
+  """The JSON object in the file at `path` (an epath.Path); {} if absent or unreadable."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return value if isinstance(value, dict) else {}
 
 
 class SweepError(ValueError):
@@ -229,34 +263,41 @@ def _log(lock: threading.Lock, message: str) -> None:
 def is_done(workdir: str, num_steps: int) -> bool:
   """True when eval_results.json exists and was computed at step >= num_steps."""
   try:
-    with open(os.path.join(workdir, RESULTS_FILE)) as f:
-      return int(json.load(f).get('step', -1)) >= num_steps
-  except (OSError, ValueError):
+    return int(_read_json(_path(workdir) / RESULTS_FILE).get('step', -1)) >= num_steps
+  except (TypeError, ValueError):
     return False
 
 
 def _write_point_file(point: Point, config: str, fixed: dict) -> None:
-  os.makedirs(point.workdir, exist_ok=True)
-  path = os.path.join(point.workdir, POINT_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(dict(settings=point.settings, fixed=fixed, config=config), f, indent=2)
-  os.replace(path + '.tmp', path)
+  folder = _path(point.workdir)
+  folder.mkdir(parents=True, exist_ok=True)
+  _write_text(folder / POINT_FILE, json.dumps(
+      dict(settings=point.settings, fixed=fixed, config=config), indent=2))
 
 
 def _tail(path: str, lines: int = 15) -> str:
-  with open(path, errors='replace') as f:
-    return ''.join(f.readlines()[-lines:])
+  text = _path(path).read_bytes().decode(errors='replace')
+  return ''.join(text.splitlines(keepends=True)[-lines:])
 
 
 def _run_one(cmd: list[str], log_path: str) -> int:
-  """Runs cmd (in a worker thread) with its output appended to log_path."""
-  with open(log_path, 'a') as log:
-    log.write(f'\n$ {shlex.join(cmd)}\n')
-    log.flush()
-    path = os.environ.get('PYTHONPATH')
-    env = dict(os.environ, PYTHONPATH=_REPO + (os.pathsep + path if path else ''))
-    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+  """Runs cmd (in a worker thread) with its output appended to log_path (on gs://,
+  written locally first, then appended to the object once the command ends)."""
+  remote = log_path.startswith('gs://')
+  with tempfile.TemporaryDirectory(prefix='sweep_') as tmp:
+    local = os.path.join(tmp, LOG_FILE) if remote else log_path
+    with open(local, 'a') as log:
+      log.write(f'\n$ {shlex.join(cmd)}\n')
+      log.flush()
+      path = os.environ.get('PYTHONPATH')
+      env = dict(os.environ, PYTHONPATH=_REPO + (os.pathsep + path if path else ''))
+      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                           check=False).returncode
+    if remote:
+      target = _path(log_path)
+      with open(local, 'rb') as f:
+        target.write_bytes((target.read_bytes() if target.exists() else b'') + f.read())
+  return rc
 
 
 def run_point(point: Point, index: str, args, fixed: dict, num_steps: int,
@@ -312,12 +353,12 @@ def run_sweep(points: list[Point], configs: list, args, fixed: dict) -> dict:
 
 def find_points(root: str) -> list[Point]:
   """Every point under root that has a sweep_point.json, in natural order."""
-  points = []
-  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-    path = os.path.join(root, name, POINT_FILE)
-    if os.path.isfile(path):
-      with open(path) as f:
-        points.append(Point(json.load(f)['settings'], name, os.path.join(root, name)))
+  points, folder = [], _path(root)
+  for name in sorted(p.name for p in folder.iterdir()) if folder.is_dir() else ():
+    path = folder / name / POINT_FILE
+    if path.exists():
+      points.append(Point(json.loads(path.read_text())['settings'], name,
+                          os.path.join(root, name)))
 
   def natural(value):
     try:
@@ -340,11 +381,7 @@ def collect(points: list[Point]) -> tuple[list[str], list[dict]]:
   rows, discrete = [], []
   for p in points:
     row = dict(p.settings)
-    try:
-      with open(os.path.join(p.workdir, RESULTS_FILE)) as f:
-        results = json.load(f)
-    except (OSError, ValueError):
-      results = {}
+    results = _read_json(_path(p.workdir) / RESULTS_FILE)
     for k in RESULT_COLUMNS:
       row[k] = results.get(k)
     for t, v in (results.get('discrete') or {}).items():
@@ -387,10 +424,10 @@ def write_tables(root: str, points: list[Point]) -> str:
   """Writes ROOT/results.md and ROOT/results.csv; returns the Markdown."""
   columns, rows = collect(points)
   md = markdown_table(columns, rows)
-  os.makedirs(root, exist_ok=True)
+  folder = _path(root)
+  folder.mkdir(parents=True, exist_ok=True)
   for name, text in (('results.md', md), ('results.csv', csv_table(columns, rows))):
-    with open(os.path.join(root, name), 'w') as f:
-      f.write(text)
+    _write_text(folder / name, text)
   return md
 
 

@@ -10,6 +10,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -243,9 +245,15 @@ def test_eval_ode_sample_and_the_codec_write_their_results_to_the_bucket(trained
       _command(workdir, 'decompress', *codec, f'--input={files}/digits.vdmc',
                f'--output={files}/decoded.npz'),
       _command(workdir, 'decompress', *codec, f'--input={files}/digits.vdmc',
-               f'--output={files}/decoded')]
-  for proc in common.run_commands(*commands):
+               f'--output={files}/decoded'),
+      _command(workdir, 'compress', *codec, f'--input={files}/digits.npz',
+               f'--output={files}/digits.vdmc')]  # refused: the output exists
+  *done, refused = common.run_commands(*commands)
+  for proc in done:
     assert proc.returncode == 0, (proc.args, proc.stderr[-3000:])
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert (f'--output={files}/digits.vdmc exists; choose another --output, or pass '
+          '--overwrite') in refused.stderr and 'Traceback' not in refused.stderr
   remote = epath.Path(workdir)
   for name, keys in (('eval_results.json', ('bpd', 'bpd_stderr', 'num_examples', 'step')),
                      (ode.RESULTS_FILE, ('bpd', 'bpd_stderr', 'nfe', 'num_examples', 'step'))):
@@ -348,3 +356,36 @@ def test_a_damaged_newest_checkpoint_on_a_bucket_is_set_aside_and_the_previous_u
   assert (aside / 'state' / '_METADATA').read_text() == '{"tree_metadata": '
   assert _steps(branch)[-1] == newest  # written again, whole
   common.assert_trees_equal(_state(config, branch), final)
+
+
+# -------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.slow
+def test_a_sweep_with_its_root_on_the_bucket(gcs_bucket, trained):
+  """experiments/sweep.py: the points' workdirs, logs and tables on gs://; run again,
+  the finished point is skipped, and --collect reads the bucket."""
+  del trained  # compiles the training step that the point reuses
+  root = _fresh(gcs_bucket)
+  cmd = [sys.executable, 'experiments/sweep.py', '--config=configs/test.py',
+         f'--root={root}', '--product', 'training.num_steps=2', '--set',
+         'eval.num_examples=16', '--set', 'eval.batch_size=16']
+  run = lambda: subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True,
+                               timeout=600, check=False)
+  first = run()
+  assert first.returncode == 0, first.stdout + first.stderr
+  point = epath.Path(root) / 'training.num_steps=2'
+  assert _json(point / 'eval_results.json')['step'] == 2
+  assert _json(point / 'sweep_point.json')['settings'] == {'training.num_steps': '2'}
+  log = (point / 'sweep.log').read_text()
+  assert '--mode=train' in log and '--mode=eval' in log and 'Training finished' in log
+  csv = (epath.Path(root) / 'results.csv').read_text().splitlines()
+  assert csv[0].startswith('training.num_steps,bpd,')
+  assert csv[1].startswith('2,') and np.isfinite(float(csv[1].split(',')[1]))
+  table = (epath.Path(root) / 'results.md').read_text()
+  again = run()
+  assert again.returncode == 0 and 'skipped' in again.stdout, again.stdout + again.stderr
+  sweep = common.load_experiment('sweep.py')
+  assert [p.name for p in sweep.find_points(root)] == ['training.num_steps=2']
+  assert sweep.main(['--collect', f'--root={root}']) == 0
+  assert (epath.Path(root) / 'results.md').read_text() == table
