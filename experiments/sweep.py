@@ -39,6 +39,10 @@ one table, printed as Markdown and written to ROOT/results.md and ROOT/results.c
 the swept settings, then bpd, bpd_stderr, the three terms and the step (and bpd_T<T>
 for each T of eval.discrete_timesteps). Points without results have empty cells.
 `--collect` alone lists every point found under ROOT (via ROOT/*/sweep_point.json).
+
+ROOT may be a bucket, gs://BUCKET/PATH (vdm_jax/runtime/gcs.py: the clients and their
+credentials): every file of the sweep goes through etils.epath, and each point's
+sweep.log is written locally while its command runs, then appended to the bucket's.
 """
 
 import argparse
@@ -48,6 +52,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -56,6 +61,7 @@ sys.path.insert(0, _REPO)  # vdm_jax's configs import it, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import sweep_files
 from sweep_grid import expand_grid
 from sweep_grid import load_config
 from sweep_grid import main_command
@@ -84,35 +90,43 @@ def _log(lock: threading.Lock, message: str) -> None:
 
 def is_done(workdir: str, num_steps: int) -> bool:
   """True when eval_results.json exists and was computed at step >= num_steps."""
+  results = sweep_files.read_json(sweep_files.path(workdir) / RESULTS_FILE)
   try:
-    with open(os.path.join(workdir, RESULTS_FILE)) as f:
-      return int(json.load(f).get('step', -1)) >= num_steps
-  except (OSError, ValueError):
+    return int(results.get('step', -1)) >= num_steps
+  except (TypeError, ValueError):
     return False
 
 
 def _write_point_file(point: Point, config: str, fixed: dict) -> None:
-  os.makedirs(point.workdir, exist_ok=True)
-  path = os.path.join(point.workdir, POINT_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(dict(settings=point.settings, fixed=fixed, config=config), f, indent=2)
-  os.replace(path + '.tmp', path)
+  folder = sweep_files.path(point.workdir)
+  folder.mkdir(parents=True, exist_ok=True)
+  sweep_files.write_text(folder / POINT_FILE, json.dumps(
+      dict(settings=point.settings, fixed=fixed, config=config), indent=2))
 
 
 def _tail(path: str, lines: int = 15) -> str:
-  with open(path, errors='replace') as f:
-    return ''.join(f.readlines()[-lines:])
+  text = sweep_files.path(path).read_bytes().decode(errors='replace')
+  return ''.join(text.splitlines(keepends=True)[-lines:])
 
 
 def _run_one(cmd: list[str], log_path: str) -> int:
-  """Runs cmd (in a worker thread) with its output appended to log_path."""
-  with open(log_path, 'a') as log:
-    log.write(f'\n$ {shlex.join(cmd)}\n')
-    log.flush()
-    path = os.environ.get('PYTHONPATH')
-    env = dict(os.environ, PYTHONPATH=_REPO + (os.pathsep + path if path else ''))
-    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+  """Runs cmd (in a worker thread) with its output appended to log_path (on gs://,
+  written locally first, then appended to the object once the command ends)."""
+  remote = log_path.startswith('gs://')
+  with tempfile.TemporaryDirectory(prefix='sweep_') as tmp:
+    local = os.path.join(tmp, LOG_FILE) if remote else log_path
+    with open(local, 'a') as log:
+      log.write(f'\n$ {shlex.join(cmd)}\n')
+      log.flush()
+      path = os.environ.get('PYTHONPATH')
+      env = dict(os.environ, PYTHONPATH=_REPO + (os.pathsep + path if path else ''))
+      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                           check=False).returncode
+    if remote:
+      target = sweep_files.path(log_path)
+      with open(local, 'rb') as f:
+        target.write_bytes((target.read_bytes() if target.exists() else b'') + f.read())
+  return rc
 
 
 def run_point(point: Point, index: str, args, fixed: dict, num_steps: int,

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import sweep_files
 from sweep_grid import Point
 from sweep_grid import POINT_FILE
 
@@ -16,12 +17,12 @@ RESULT_COLUMNS = ('bpd', 'bpd_stderr', 'bpd_recon', 'bpd_prior', 'bpd_diff', 'st
 
 def find_points(root: str) -> list[Point]:
   """Every point under root that has a sweep_point.json, in natural order."""
-  points = []
-  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-    path = os.path.join(root, name, POINT_FILE)
-    if os.path.isfile(path):
-      with open(path) as f:
-        points.append(Point(json.load(f)['settings'], name, os.path.join(root, name)))
+  points, folder = [], sweep_files.path(root)
+  for name in sorted(p.name for p in folder.iterdir()) if folder.is_dir() else ():
+    path = folder / name / POINT_FILE
+    if path.exists():
+      points.append(Point(json.loads(path.read_text())['settings'], name,
+                          os.path.join(root, name)))
 
   def natural(value):
     try:
@@ -44,11 +45,7 @@ def collect(points: list[Point]) -> tuple[list[str], list[dict]]:
   rows, discrete = [], []
   for p in points:
     row = dict(p.settings)
-    try:
-      with open(os.path.join(p.workdir, RESULTS_FILE)) as f:
-        results = json.load(f)
-    except (OSError, ValueError):
-      results = {}
+    results = sweep_files.read_json(sweep_files.path(p.workdir) / RESULTS_FILE)
     for k in RESULT_COLUMNS:
       row[k] = results.get(k)
     for t, v in (results.get('discrete') or {}).items():
@@ -91,8 +88,8 @@ def write_tables(root: str, points: list[Point]) -> str:
   """Writes ROOT/results.md and ROOT/results.csv; returns the Markdown."""
   columns, rows = collect(points)
   md = markdown_table(columns, rows)
-  os.makedirs(root, exist_ok=True)
+  folder = sweep_files.path(root)
+  folder.mkdir(parents=True, exist_ok=True)
   for name, text in (('results.md', md), ('results.csv', csv_table(columns, rows))):
-    with open(os.path.join(root, name), 'w') as f:
-      f.write(text)
+    sweep_files.write_text(folder / name, text)
   return md

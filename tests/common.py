@@ -1,10 +1,15 @@
 """Shared helpers for the tests: tiny models and parameter perturbation."""
 
 import pathlib
+import re
+import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 
 from vdm_jax import config_base
@@ -178,3 +183,77 @@ def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
         results.append(subprocess.CompletedProcess([sys.executable, *command], code,
                                                    o.read(), e.read()))
     return results
+
+
+class BackgroundCli:
+  """`python -m vdm_jax.main --mode=train` in the background, output read line by line."""
+
+  running = []  # the tests kill these at the end of each test, whatever happened
+
+  def __init__(self, workdir, flags, env):
+    self.proc = subprocess.Popen(
+        [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
+         f'--workdir={workdir}', *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    BackgroundCli.running.append(self.proc)
+    self.lines = []
+    self.times = []  # when each line arrived
+    self.done = False
+    self._cond = threading.Condition()
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      with self._cond:
+        self.lines.append(line)
+        self.times.append(time.monotonic())
+        self._cond.notify_all()
+    with self._cond:
+      self.done = True
+      self._cond.notify_all()
+
+  def wait_for(self, pattern: str, timeout: float = 300) -> bool:
+    """Waits for a line matching `pattern`; False if the process ended first."""
+    regex = re.compile(pattern)
+    seen = 0
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while True:
+        if any(regex.search(line) for line in self.lines[seen:]):
+          return True
+        seen = len(self.lines)
+        if self.done:
+          return False
+        left = deadline - time.monotonic()
+        assert left > 0, f'timed out waiting for {pattern!r}:\n{self.output[-3000:]}'
+        self._cond.wait(left)
+
+  def step_interval(self) -> float:
+    """The median time between the metric lines of successive steps so far."""
+    with self._cond:
+      times = [t for t, line in zip(self.times, self.lines) if '] train/' in line]
+    return float(np.median(np.diff(times))) if len(times) > 1 else 0.0
+
+  def send(self, sig) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(sig)
+
+  def finish(self, timeout: float = 300) -> int:
+    rc = self.proc.wait(timeout)
+    with self._cond:
+      self._cond.wait_for(lambda: self.done, timeout)
+    return rc
+
+  @property
+  def output(self) -> str:
+    return ''.join(self.lines)
+
+
+def reap_background_clis() -> None:
+  """Kills the BackgroundCli processes still running (call it at the end of each test)."""
+  while BackgroundCli.running:
+    proc = BackgroundCli.running.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()

@@ -47,6 +47,14 @@ def subprocess_compilation_cache(tmp_path_factory):
       os.environ[k] = v
 
 
+@pytest.fixture
+def background_clis():
+  """Kills, after the test, the common.BackgroundCli processes it left running."""
+  import common  # pylint: disable=g-import-not-at-top
+  yield common.BackgroundCli
+  common.reap_background_clis()
+
+
 @pytest.fixture(scope='session')
 def digits_features(tmp_path_factory):
   """(configs/test.py with a feature network of 300 steps cached in a temporary folder,

@@ -64,6 +64,9 @@ def _wait(pid: int, timeout: float) -> int:
 def main(spec_path: str) -> None:
   with open(spec_path) as f:
     spec = json.load(f)
+  # This checkout's package, preloaded, not an installed one (`pip install -e` of
+  # another checkout): the children run what sys.modules holds.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   for name in PRELOAD:
     __import__(name)
   codes = []

@@ -1,8 +1,17 @@
 """Workdirs on gs:// (vdm_jax/runtime/gcs.py), against the storage emulator that
-tests/conftest.py starts once per session: the exclusive lock, training, resuming and
-the faults of a bucket."""
+tests/conftest.py starts once per session: the exclusive lock, training, resuming after
+SIGTERM and SIGKILL, a damaged checkpoint, every command's results, and the faults of a
+bucket. The tests that train share one workdir on the bucket (the fixture `trained`);
+the commands run as CLI processes where a signal or an exit status is the point."""
 
 import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,10 +22,15 @@ import numpy as np
 import pytest
 
 import common
+from vdm_jax import build
 from vdm_jax import errors
 from vdm_jax.runtime import gcs
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.runtime import workdir_lock
+
+
+# End to end against a storage emulator; the CLI processes are killed after each test.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('background_clis')]
 
 
 def _fresh(bucket: str) -> str:
@@ -101,8 +115,11 @@ def test_missing_credentials_are_a_message_naming_the_ways_to_give_them(tmp_path
   assert 'credentials' in result.stderr
 
 
+NUM_STEPS = 12  # configs/test.py: checkpoints every 2 steps, the newest 3 kept
+
+
 def _copy_folder(source, target) -> None:
-  """Copies every object under the gs:// folder `source` to `target`."""
+  """Copies every object under the gs:// folder `source` to the gs:// folder `target`."""
   from google.cloud import storage  # pylint: disable=g-import-not-at-top
   bucket, prefix = gcs.split(source)
   _, new_prefix = gcs.split(target)
@@ -112,19 +129,47 @@ def _copy_folder(source, target) -> None:
                                     new_prefix + blob.name[len(prefix):])
 
 
+def _download(source, target) -> None:
+  """Copies every object under the gs:// folder `source` into the local folder `target`."""
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  bucket, prefix = gcs.split(source)
+  for blob in storage.Client(project='test').list_blobs(bucket, prefix=prefix + '/'):
+    local = target / blob.name[len(prefix) + 1:]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    blob.download_to_filename(str(local))
+
+
+def _steps(workdir, complete: bool = True) -> list[int]:
+  """The steps of a gs:// workdir's checkpoints: complete ones (orbax writes
+  commit_success.txt into a step folder last), or (complete=False) every step folder."""
+  folder = epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (
+      not complete or (p / 'commit_success.txt').exists()))
+
+
+def _numpy(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _state(config, workdir):
+  """The TrainState that training would resume from, as numpy."""
+  return _numpy(build.restore(config, str(workdir))[1])
+
+
 @pytest.fixture(scope='module')
 def trained(gcs_bucket, tmp_path_factory):
-  """(config, gs:// workdir, final state): configs/test.py trained on the bucket, from a
-  local folder as the working directory (nothing may land there)."""
+  """(config, gs:// workdir, final state, cwd): configs/test.py trained for NUM_STEPS on
+  the bucket, from a local folder as the working directory (nothing may land there)."""
   from vdm_jax.training import train  # pylint: disable=g-import-not-at-top
   cwd = tmp_path_factory.mktemp('cwd')
   config = common.load_config('test')
+  config.training.num_steps = NUM_STEPS
   workdir = _fresh(gcs_bucket)
   with pytest.MonkeyPatch.context() as mp:
     mp.chdir(cwd)
     state = train.train_and_evaluate(config, workdir)
   assert not list(cwd.iterdir()), 'a gs:// path was written as a local one'
-  return config, workdir, state, cwd
+  return config, workdir, _numpy(state), cwd
 
 
 @pytest.mark.slow
@@ -132,17 +177,15 @@ def test_training_writes_its_workdir_to_the_bucket_only(trained):
   config, workdir, state, _ = trained
   path = epath.Path(workdir)
   assert (path / 'config.json').exists()
-  steps = sorted(int(p.name) for p in (path / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps[-1] == config.training.num_steps
+  assert _steps(workdir)[-1] == config.training.num_steps
   assert any(p.name.startswith('events.out.tfevents') for p in path.iterdir())
-  common.assert_trees_equal(common.params_of(workdir, config),
-                            jax.tree.map(np.asarray, state.params))
+  common.assert_trees_equal(common.params_of(workdir, config), state.params)
 
 
 @pytest.mark.slow
 def test_resuming_from_a_bucket_is_bit_identical(trained, gcs_bucket, monkeypatch):
-  """Training to the end, then again from its step-2 checkpoint copied to a new path,
-  gives the same parameters, EMA and optimiser state."""
+  """Training to the end, then again from its oldest kept checkpoint copied to a new
+  path, gives the same parameters, EMA and optimiser state."""
   from vdm_jax.training import train  # pylint: disable=g-import-not-at-top
   config, workdir, state, cwd = trained
   monkeypatch.chdir(cwd)
@@ -150,10 +193,198 @@ def test_resuming_from_a_bucket_is_bit_identical(trained, gcs_bucket, monkeypatc
   (branch / 'checkpoints').mkdir(parents=True)
   source = epath.Path(workdir)
   (branch / 'config.json').write_bytes((source / 'config.json').read_bytes())
-  first = min(int(p.name) for p in (source / 'checkpoints').iterdir() if p.name.isdigit())
+  first = _steps(workdir)[0]
   assert first < config.training.num_steps
   _copy_folder(source / 'checkpoints' / str(first), branch / 'checkpoints' / str(first))
   resumed = train.train_and_evaluate(config, str(branch))
-  numpy = lambda t: jax.tree.map(np.asarray, t)
-  common.assert_trees_equal(numpy(resumed), numpy(state))
+  common.assert_trees_equal(_numpy(resumed), state)
   assert not list(cwd.iterdir())
+
+
+# ------------------------------------------------------------ every command's results
+
+
+def _command(workdir, mode, *flags):
+  return ('-m', 'vdm_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
+          f'--mode={mode}', *flags)
+
+
+def _json(path) -> dict:
+  return json.loads(epath.Path(path).read_text())
+
+
+@pytest.mark.slow
+def test_eval_ode_sample_and_the_codec_write_their_results_to_the_bucket(trained, tmp_path):
+  """Each command on the gs:// workdir writes there what it writes into a local copy of
+  that workdir, the same numbers; the codec reads its input from the bucket and writes
+  its output there, and decoding gives back the images exactly."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from vdm_jax.codec import images as images_lib  # pylint: disable=g-import-not-at-top
+  from vdm_jax.evaluation import ode  # pylint: disable=g-import-not-at-top
+  _, workdir, _, _ = trained
+  local = tmp_path / 'local'
+  _download(workdir, local)
+  images = datasets.load_digits().images[:4].astype(np.uint8)[..., None]
+  files = epath.Path(workdir).parent / f'codec-{uuid.uuid4().hex[:8]}'
+  with (files / 'digits.npz').open('wb') as f:
+    np.savez(f, images=images)
+  evaluation = ['--config.eval.num_examples=16', '--config.eval.batch_size=16']
+  ode_flags = ['--config.eval.estimator=ode', '--config.eval.num_examples=4',
+               '--config.eval.batch_size=4', '--config.ode.rtol=1e-2',
+               '--config.ode.atol=1e-2']
+  codec = ['--config.codec.timesteps=4']
+  commands = [c for wd in (workdir, local) for c in (
+      _command(wd, 'eval', *evaluation), _command(wd, 'eval', *ode_flags),
+      _command(wd, 'sample'))]
+  commands += [
+      _command(workdir, 'compress', *codec, f'--input={files}/digits.npz',
+               f'--output={files}/digits.vdmc'),
+      _command(workdir, 'compress', *codec, f'--input={files}/digits.npz',
+               f'--output={tmp_path}/digits.vdmc'),
+      _command(workdir, 'decompress', *codec, f'--input={files}/digits.vdmc',
+               f'--output={files}/decoded.npz'),
+      _command(workdir, 'decompress', *codec, f'--input={files}/digits.vdmc',
+               f'--output={files}/decoded'),
+      _command(workdir, 'compress', *codec, f'--input={files}/digits.npz',
+               f'--output={files}/digits.vdmc')]  # refused: the output exists
+  *done, refused = common.run_commands(*commands)
+  for proc in done:
+    assert proc.returncode == 0, (proc.args, proc.stderr[-3000:])
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert (f'--output={files}/digits.vdmc exists; choose another --output, or pass '
+          '--overwrite') in refused.stderr and 'Traceback' not in refused.stderr
+  remote = epath.Path(workdir)
+  for name, keys in (('eval_results.json', ('bpd', 'bpd_stderr', 'num_examples', 'step')),
+                     (ode.RESULTS_FILE, ('bpd', 'bpd_stderr', 'nfe', 'num_examples', 'step'))):
+    ours, theirs = _json(remote / name), _json(local / name)
+    assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}, name
+    assert np.isfinite(ours['bpd']) and ours['step'] == NUM_STEPS
+    assert (remote / f'{name[:-5]}_{NUM_STEPS}.json').exists()
+  grid = f'samples_{NUM_STEPS}.png'
+  assert (remote / grid).read_bytes() == (local / grid).read_bytes()
+  assert (files / 'digits.vdmc').read_bytes() == (tmp_path / 'digits.vdmc').read_bytes()
+  with (files / 'decoded.npz').open('rb') as f:
+    np.testing.assert_array_equal(np.load(f)['images'], images)
+  decoded = sorted(p.name for p in (files / 'decoded').iterdir())
+  assert decoded == [f'{i:06d}.png' for i in range(len(images))]
+  pngs = tmp_path / 'pngs'
+  _download(files / 'decoded', pngs)
+  np.testing.assert_array_equal(images_lib.load_images(str(pngs)), images)
+
+
+@pytest.mark.slow
+def test_a_refused_config_change_leaves_config_json_on_the_bucket_as_it_was(trained):
+  _, workdir, _, _ = trained
+  config_json = epath.Path(workdir) / 'config.json'
+  before, steps = config_json.read_bytes(), _steps(workdir)
+  proc, = common.run_commands(_command(workdir, 'train', '--config.model.n_embd=16',
+                                       f'--config.training.num_steps={NUM_STEPS + 2}'))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'model.n_embd: saved 8, now 16' in proc.stderr and 'Traceback' not in proc.stderr
+  assert config_json.read_bytes() == before
+  assert _steps(workdir) == steps
+  assert not (epath.Path(workdir) / workdir_lock.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------- preemption and crashes
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_on_a_bucket_resume_bit_identically(trained, gcs_bucket):
+  """SIGTERM: exit 75 with the step in flight checkpointed on the bucket; SIGKILL at a
+  random moment of the resumed run; the same command again finishes the run with the
+  parameters, EMA and optimiser state of the uninterrupted one."""
+  config, _, final, _ = trained
+  workdir = _fresh(gcs_bucket)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  flags = [f'--config.training.num_steps={NUM_STEPS}']
+  run = common.BackgroundCli(workdir, flags, env)
+  assert run.wait_for(r'\] \[2\] train/'), run.output[-3000:]
+  run.send(signal.SIGTERM)
+  assert run.finish() == errors.PREEMPTED_EXIT_CODE, run.output[-3000:]
+  found = re.search(r'Stopped by signal at step (\d+); checkpoint written to (\S+)\. '
+                    r'Run the same command again to continue\.', run.output)
+  assert found, run.output[-3000:]
+  stopped = int(found.group(1))
+  assert found.group(2) == f'{workdir}/{workdir_lib.CHECKPOINT_DIR}'
+  assert 2 <= stopped <= NUM_STEPS - 6 and _steps(workdir)[-1] == stopped
+  assert int(_state(config, workdir).step) == stopped
+
+  seed = random.randrange(2**32)
+  run = common.BackgroundCli(workdir, flags, env)
+  assert run.wait_for(rf'\] \[{stopped + 2}\] train/'), run.output[-3000:]
+  time.sleep(random.Random(seed).uniform(0.0, 1.0) * max(run.step_interval(), 0.5))
+  run.send(signal.SIGKILL)
+  assert run.finish() == -signal.SIGKILL, (seed, run.output[-3000:])
+  newest = _steps(workdir)[-1]
+  print(f'SIGKILL (seed {seed}): complete {_steps(workdir)}, '
+        f'all {_steps(workdir, complete=False)}')
+  assert newest >= stopped, seed
+  assert int(_state(config, workdir).step) == newest, seed  # never a partial one
+
+  run = common.BackgroundCli(workdir, flags, env)
+  assert run.finish() == 0, (seed, run.output[-3000:])
+  assert f'from step {newest} to {NUM_STEPS}' in run.output, (seed, run.output[-3000:])
+  common.assert_trees_equal(_state(config, workdir), final)
+
+
+# -------------------------------------------------------------------- damage
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # orbax
+def test_a_damaged_newest_checkpoint_on_a_bucket_is_set_aside_and_the_previous_used(
+    trained, gcs_bucket, caplog):
+  """GCS has no rename: the damaged step folder is copied to <step>.damaged and deleted."""
+  from vdm_jax.training import train  # pylint: disable=g-import-not-at-top
+  config, workdir, final, _ = trained
+  source, branch = epath.Path(workdir), epath.Path(_fresh(gcs_bucket))
+  (branch / 'config.json').write_bytes((source / 'config.json').read_bytes())
+  previous, newest = _steps(workdir)[-2:]
+  for step in (previous, newest):
+    _copy_folder(source / 'checkpoints' / str(step), branch / 'checkpoints' / str(step))
+  damaged = branch / 'checkpoints' / str(newest)
+  (damaged / 'state' / '_METADATA').write_text('{"tree_metadata": ')
+  with caplog.at_level(logging.INFO):
+    state = _numpy(train.train_and_evaluate(config, str(branch)))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(f'Checkpoint at step {newest} in' in m and 'damaged' in m for m in messages)
+  assert any(f'Restored checkpoint at step {previous}' in m for m in messages)
+  common.assert_trees_equal(state, final)
+  aside = branch / 'checkpoints' / f'{newest}.damaged'
+  assert (aside / 'state' / '_METADATA').read_text() == '{"tree_metadata": '
+  assert _steps(branch)[-1] == newest  # written again, whole
+  common.assert_trees_equal(_state(config, branch), final)
+
+
+# -------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.slow
+def test_a_sweep_with_its_root_on_the_bucket(gcs_bucket, trained):
+  """experiments/sweep.py: the points' workdirs, logs and tables on gs://; run again,
+  the finished point is skipped, and --collect reads the bucket."""
+  del trained  # compiles the training step that the point reuses
+  root = _fresh(gcs_bucket)
+  cmd = [sys.executable, 'experiments/sweep.py', '--config=configs/test.py',
+         f'--root={root}', '--product', 'training.num_steps=2', '--set',
+         'eval.num_examples=16', '--set', 'eval.batch_size=16']
+  run = lambda: subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True,
+                               timeout=600, check=False)
+  first = run()
+  assert first.returncode == 0, first.stdout + first.stderr
+  point = epath.Path(root) / 'training.num_steps=2'
+  assert _json(point / 'eval_results.json')['step'] == 2
+  assert _json(point / 'sweep_point.json')['settings'] == {'training.num_steps': '2'}
+  log = (point / 'sweep.log').read_text()
+  assert '--mode=train' in log and '--mode=eval' in log and 'Training finished' in log
+  csv = (epath.Path(root) / 'results.csv').read_text().splitlines()
+  assert csv[0].startswith('training.num_steps,bpd,')
+  assert csv[1].startswith('2,') and np.isfinite(float(csv[1].split(',')[1]))
+  table = (epath.Path(root) / 'results.md').read_text()
+  again = run()
+  assert again.returncode == 0 and 'skipped' in again.stdout, again.stdout + again.stderr
+  sweep = common.load_experiment('sweep.py')
+  assert [p.name for p in sweep.find_points(root)] == ['training.num_steps=2']
+  assert sweep.main(['--collect', f'--root={root}']) == 0
+  assert (epath.Path(root) / 'results.md').read_text() == table

@@ -16,8 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import types
 
@@ -29,6 +27,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import common
+from common import BackgroundCli as _Cli
 from vdm_jax import build
 from vdm_jax.data import datasets
 from vdm_jax.data import input_pipeline
@@ -49,7 +48,9 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 # part of every checkpoint, kill and resume below, beside parameters, EMA and optimiser.
 MODEL = dict(time_sampling='adaptive')
 
-pytestmark = pytest.mark.slow  # every test here trains, or reads a trained workdir
+# Every test here trains, or reads a trained workdir; the CLI processes are killed after
+# each test.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('background_clis')]
 
 
 # -------------------------------------------------------------------- helpers
@@ -119,71 +120,6 @@ def _damage_messages(caplog) -> list[str]:
   return [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
 
 
-class _Cli:
-  """`python -m vdm_jax.main --mode=train` in the background, output read line by line."""
-
-  running = []  # killed at the end of each test, whatever happened
-
-  def __init__(self, workdir, flags, env):
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
-         f'--workdir={workdir}', *flags],
-        cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-    _Cli.running.append(self.proc)
-    self.lines = []
-    self.times = []  # when each line arrived
-    self.done = False
-    self._cond = threading.Condition()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      with self._cond:
-        self.lines.append(line)
-        self.times.append(time.monotonic())
-        self._cond.notify_all()
-    with self._cond:
-      self.done = True
-      self._cond.notify_all()
-
-  def wait_for(self, pattern: str, timeout: float = 300) -> bool:
-    """Waits for a line matching `pattern`; False if the process ended first."""
-    regex = re.compile(pattern)
-    seen = 0
-    deadline = time.monotonic() + timeout
-    with self._cond:
-      while True:
-        if any(regex.search(line) for line in self.lines[seen:]):
-          return True
-        seen = len(self.lines)
-        if self.done:
-          return False
-        left = deadline - time.monotonic()
-        assert left > 0, f'timed out waiting for {pattern!r}:\n{self.output[-3000:]}'
-        self._cond.wait(left)
-
-  def step_interval(self) -> float:
-    """The median time between the metric lines of successive steps so far."""
-    with self._cond:
-      times = [t for t, line in zip(self.times, self.lines) if '] train/' in line]
-    return float(np.median(np.diff(times))) if len(times) > 1 else 0.0
-
-  def send(self, sig) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(sig)
-
-  def finish(self, timeout: float = 300) -> int:
-    rc = self.proc.wait(timeout)
-    with self._cond:
-      self._cond.wait_for(lambda: self.done, timeout)
-    return rc
-
-  @property
-  def output(self) -> str:
-    return ''.join(self.lines)
-
-
 def _poison(monkeypatch, step: int, value: float) -> None:
   """Training batch `step` gets conditioning = value (e.g. NaN)."""
   original = input_pipeline.train_batches
@@ -209,17 +145,7 @@ def _scalars(workdir, tag: str) -> dict:
 # ------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def _reap():
-  yield
-  while _Cli.running:
-    proc = _Cli.running.pop()
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-
-
-@pytest.fixture(scope='module')
+@pytest.fixture
 def cli_env():
   """The CLI's environment, with the session's compilation cache (tests/conftest.py),
   which the in-process reference run fills."""

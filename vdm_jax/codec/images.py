@@ -19,6 +19,7 @@ folder that was coded, pixel for pixel.
 """
 
 import os
+from typing import Optional
 import zipfile
 import zlib
 
@@ -100,18 +101,20 @@ def write_png(image: np.ndarray, path: str) -> None:
   Image.fromarray(np.asarray(pixels, np.uint8), PNG_MODES[channels]).save(path, 'PNG')
 
 
-def load_images(path: str, split: str = 'test') -> np.ndarray:
+def load_images(path: str, split: str = 'test', shown: Optional[str] = None) -> np.ndarray:
   """[N, H, W, C] from a .npz (array `images`, else `split`) or a folder of PNG files;
-  a CodecError naming the file and what is wrong when it cannot be read as images."""
+  a CodecError naming the file (as `shown`, default `path`: a local copy is named by
+  its original) and what is wrong when it cannot be read as images."""
+  shown = shown or path
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path) if n.lower().endswith('.png'))
     if not names:
-      raise file_format.CodecError(f'--input={path} holds no .png files.')
+      raise file_format.CodecError(f'--input={shown} holds no .png files.')
     arrays = [read_png(os.path.join(path, n)) for n in names]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
       raise file_format.CodecError(
-          f'The PNG files in --input={path} differ in shape (height, width, channels): '
+          f'The PNG files in --input={shown} differ in shape (height, width, channels): '
           f'{sorted(shapes)}; the codec codes images of one shape per file.')
     return np.stack(arrays)
   try:
@@ -119,12 +122,12 @@ def load_images(path: str, split: str = 'test') -> np.ndarray:
       key = 'images' if 'images' in npz.files else split
       if key not in npz.files:
         raise file_format.CodecError(
-            f'--input={path} has arrays {npz.files}; expected `images` or `{split}` '
+            f'--input={shown} has arrays {npz.files}; expected `images` or `{split}` '
             '(integers [N, H, W, C]).')
       images = npz[key]
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise file_format.CodecError(
-        f'--input={path} is not a readable .npz file ({type(e).__name__}: {e}). Write '
+        f'--input={shown} is not a readable .npz file ({type(e).__name__}: {e}). Write '
         'images with numpy.savez(path, images=array), an integer array [N, H, W, C].') from e
   return images[..., None] if images.ndim == 3 else images
 

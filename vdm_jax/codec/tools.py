@@ -11,6 +11,7 @@ paths.py).
 import math
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -136,7 +137,8 @@ def compress_command(config, workdir: str, input_path: str, output_path: str,
                         example='images.vdmc')
   paths.check(input_path, output, images=True)
   with output.writing() as tmp:
-    images = images_lib.load_images(input_path, config.eval.split)
+    with paths.local_input(input_path) as local:
+      images = images_lib.load_images(local, config.eval.split, shown=input_path)
     run, params, step = _restored(config, workdir)
     images = fit_images(images, run, input_path)
     data, report = compressor.compress(
@@ -155,8 +157,7 @@ def decompress_command(config, workdir: str, input_path: str, output_path: str,
                         overwrite=overwrite, example='decoded.npz')
   paths.check(input_path, output, images=False)
   with output.writing() as tmp:
-    with open(input_path, 'rb') as f:
-      data = f.read()
+    data = epath.Path(input_path).read_bytes()
     try:
       header = compressor.read_header(data)
     except file_format.CodecError as e:

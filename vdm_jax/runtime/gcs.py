@@ -46,7 +46,13 @@ def configure_clients(environ=os.environ) -> None:
   is sent to the same emulator (TENSORSTORE_GCS_HTTP_URL) with a dummy token.
   Variables already set are left as they are. Runs on import of this module, which
   vdm_jax/runtime/workdir.py imports before any path is opened.
+
+  gcsfs's cache of folder listings is turned off (fsspec's config, unless set there):
+  it never learns of objects that TensorStore or another process writes (checkpoints,
+  results), and a listing from it would miss them for the life of the process.
   """
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
   environ.setdefault('EPATH_USE_TF', 'false')
   environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
   emulator = environ.get('STORAGE_EMULATOR_HOST')
