@@ -348,21 +348,16 @@ def test_channel_mult_builds_a_u_net_of_the_given_widths():
   assert 'up.block_4/conv1/kernel' not in shapes and 'down.block_2/conv1/kernel' not in shapes
 
 
-@pytest.mark.slow  # compiles two gradients of a two-level U-Net (~40 s)
-def test_channel_mult_every_level_is_trained_and_remat_agrees():
-  """Every parameter of every resolution gets a gradient; remat changes no value."""
+@pytest.mark.slow  # the gradient of a two-level U-Net, op by op (~20 s)
+def test_channel_mult_every_level_is_trained():
+  """Every parameter of every resolution gets a gradient."""
   cfg = common.tiny_model_config(channel_mult=(1, 2), p_drop=0.0)
   net = networks.make_score_model(cfg, name=None)
   z = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   g = jnp.array([0.0, 2.0])
   params = common.perturb(net.init(jax.random.key(0), z, g, jnp.zeros((2,)))['params'],
                           jax.random.key(2), scale=0.2)
-  loss = lambda n: lambda p: jnp.sum(n.apply({'params': p}, z, g, jnp.zeros((2,))) ** 2)
-  grads = jax.grad(loss(net))(params)
+  loss = lambda p: jnp.sum(net.apply({'params': p}, z, g, jnp.zeros((2,))) ** 2)
+  grads = jax.grad(loss)(params)
   for name, leaf in flax.traverse_util.flatten_dict(grads, sep='/').items():
     assert float(jnp.abs(leaf).max()) > 0, name
-  remat = networks.make_score_model(
-      common.tiny_model_config(channel_mult=(1, 2), p_drop=0.0, remat=True), name=None)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(
-      u, v, rtol=1e-5, atol=1e-5 * float(jnp.abs(v).max())), jax.grad(loss(remat))(params),
-      grads)
