@@ -1,8 +1,8 @@
 """Runs several `python ARGS` commands from one interpreter (see common.run_commands).
 
-  python tests/forked_commands.py SPEC.json
+  python tests/forked_commands.py COMMANDS.json
 
-SPEC.json holds {"commands": [[ARGS...], ...], "out": FOLDER, "timeout": SECONDS}. This
+COMMANDS.json holds {"commands": [[ARGS...], ...], "out": FOLDER, "timeout": SECONDS}. This
 interpreter imports the package's dependencies (JAX, flax, orbax, TensorFlow through
 clu: ~6 CPU-s) once; each command then runs in a child forked from it, as `python ARGS`
 would run it: `-m MODULE ARGS` through runpy.run_module, `SCRIPT ARGS` through
