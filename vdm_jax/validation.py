@@ -170,6 +170,9 @@ def _check_values(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
+  if not t.storage_timeout > 0:
+    errors.append(f'config.training.storage_timeout = {t.storage_timeout}: must be > 0 '
+                  '(seconds).')
   errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
   errors += _check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:

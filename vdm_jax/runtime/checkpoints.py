@@ -8,6 +8,8 @@ skipped. Restoring takes the target shardings from the current mesh, so a checkp
 written on 8 devices restores on 1 and vice versa.
 """
 
+import contextlib
+import math
 from typing import Any, Optional
 
 from absl import logging
@@ -28,11 +30,22 @@ class CheckpointMismatchError(CheckpointError):
   """The checkpoint holds a different model (names or shapes) than the config builds."""
 
 
-def make_manager(workdir, keep: int = 3, asynchronous: bool = True,
-                 create: bool = False) -> ocp.CheckpointManager:
-  """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.runtime.workdir.Workdir)."""
+class SaveTimeoutError(CheckpointError, errors.StorageLost):
+  """A checkpoint save did not finish within training.storage_timeout."""
+
+
+def make_manager(workdir, keep: int = 3, asynchronous: bool = True, create: bool = False,
+                 timeout: Optional[float] = None) -> ocp.CheckpointManager:
+  """The orbax manager of `workdir.checkpoint_dir` (a vdm_jax.runtime.workdir.Workdir).
+
+  An asynchronous save still unfinished after `timeout` seconds (orbax's default when
+  None) is abandoned: `save` and `wait` then raise SaveTimeoutError.
+  """
+  async_options = (None if timeout is None else
+                   ocp.options.AsyncOptions(timeout_secs=max(1, math.ceil(timeout))))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous)
+      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous,
+      async_options=async_options)
   directory = workdir.checkpoint_dir
   if not gcs.is_gcs(directory):  # epath's absolute() would put the cwd before gs://
     directory = directory.absolute()
@@ -40,10 +53,39 @@ def make_manager(workdir, keep: int = 3, asynchronous: bool = True,
                                item_handlers={'state': ocp.StandardCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Starts an (asynchronous) save of `state` at `step`."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-               force=True)
+@contextlib.contextmanager
+def _bounded(manager: ocp.CheckpointManager, timeout: Optional[float]):
+  """Turns orbax's timeout of an asynchronous save into SaveTimeoutError."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # orbax re-raises its thread's error
+    if not any(isinstance(c, TimeoutError) for c in errors.causes(e)):
+      raise
+    within = f'within {timeout:g} s (training.storage_timeout)' if timeout else 'in time'
+    raise SaveTimeoutError(
+        f'A checkpoint save to {manager.directory} did not finish {within}: the storage '
+        'of the workdir stopped answering. The save was abandoned and the run stopped; '
+        'the checkpoints complete before it are intact. Check the storage (network, '
+        'credentials, bucket or disk) and run the same command again: training resumes '
+        'from the newest complete checkpoint. (Raise training.storage_timeout if saves '
+        'of this model take longer.)') from e
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         timeout: Optional[float] = None) -> None:
+  """Starts an (asynchronous) save of `state` at `step`, once the previous one is done.
+
+  `timeout`: the manager's (make_manager), named in the error when a save exceeds it.
+  """
+  with _bounded(manager, timeout):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                 force=True)
+
+
+def wait(manager: ocp.CheckpointManager, timeout: Optional[float] = None) -> None:
+  """Waits for the save in flight (SaveTimeoutError once it exceeds `timeout`)."""
+  with _bounded(manager, timeout):
+    manager.wait_until_finished()
 
 
 def _flat_shapes(tree) -> dict:

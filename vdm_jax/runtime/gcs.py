@@ -188,14 +188,6 @@ _TENSORSTORE_FAULT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|UNAUTHENTICAT
                                 r'PERMISSION_DENIED)\b|Couldn\'t connect|CURL error')
 
 
-def _chain(exc: BaseException):
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    yield exc
-    exc = exc.__cause__ or exc.__context__
-
-
 def _is_storage_error(exc: BaseException) -> bool:
   """Whether `exc` is a failure to reach or use the bucket, by any of the three clients."""
   import aiohttp  # pylint: disable=g-import-not-at-top
@@ -205,7 +197,7 @@ def _is_storage_error(exc: BaseException) -> bool:
   import requests  # pylint: disable=g-import-not-at-top
   kinds = (aiohttp.ClientError, gcsfs_retry.HttpError, exceptions.GoogleAPIError,
            google.auth.exceptions.GoogleAuthError, requests.RequestException)
-  for e in _chain(exc):
+  for e in errors.causes(exc):
     if isinstance(e, kinds) or (isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS):
       return True
     if _TENSORSTORE_FAULT.search(str(e)):
@@ -223,14 +215,14 @@ def _endpoint() -> str:
 
 
 def _unreachable(exc: BaseException) -> str:
-  innermost = list(_chain(exc))[-1]
+  innermost = list(errors.causes(exc))[-1]
   return (f'Google Cloud Storage ({_endpoint()}) could not be reached or refused the '
           f'request ({_first_line(innermost)}).')
 
 
 def describe_fault(exc: BaseException, workdir: Optional[str]) -> Optional[str]:
   """The user's message for a storage failure during a run on gs://; None otherwise."""
-  involved = is_gcs(workdir or '') or any(SCHEME in str(e) for e in _chain(exc))
+  involved = is_gcs(workdir or '') or any(SCHEME in str(e) for e in errors.causes(exc))
   if not involved or not _is_storage_error(exc):
     return None
   return (f'{_unreachable(exc)} The run stopped after the clients\' retries; every '

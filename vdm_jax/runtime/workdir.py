@@ -13,13 +13,9 @@ Every path goes through etils.epath, so a workdir may be a local folder or a buc
 
 import io
 import json
-import pathlib
-import tempfile
-import time
 from typing import Optional
 import uuid
 
-from clu import metric_writers
 from etils import epath
 import jax
 import numpy as np
@@ -167,51 +163,18 @@ class Workdir:
     return path
 
   # ----------------------------------------------------------- TensorBoard
-  def metric_writer(self, just_logging: bool = False) -> metric_writers.MetricWriter:
-    """clu's default writer: the log, and TensorBoard events in the workdir."""
+  def metric_writer(self, just_logging: bool = False):
+    """clu's default writer (a clu.metric_writers.MetricWriter): the log, and
+    TensorBoard events in the workdir.
+
+    clu's writers import TensorFlow (~5 CPU-s), so they are imported here, by the
+    commands that write events, and not by those that do not (compress, decompress).
+    """
+    # pylint: disable=g-import-not-at-top
+    from clu import metric_writers
+    from vdm_jax.runtime import bucket_events
+    # pylint: enable=g-import-not-at-top
     if just_logging or not gcs.is_gcs(self.path):
       return metric_writers.create_default_writer(str(self.path), just_logging=just_logging)
     return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
-                                            _BucketSummaryWriter(self.path)])
-
-
-class _BucketSummaryWriter(metric_writers.SummaryWriter):
-  """TensorBoard events for a workdir on gs://, where objects cannot be appended to.
-
-  TensorFlow writes them to a local temporary folder; its files are uploaded whole on
-  every flush and at most UPLOAD_SECONDS after a write (TensorFlow's own writer flushes
-  every 120 s), and the folder is deleted on close.
-  """
-
-  UPLOAD_SECONDS = 120.0
-
-  def __init__(self, workdir: epath.Path):
-    self._local = tempfile.TemporaryDirectory(prefix='vdm_jax-events-')
-    self._remote = workdir
-    self._uploaded = {}  # name: size uploaded
-    self._last = time.monotonic()
-    super().__init__(self._local.name)
-
-  def _upload(self) -> None:
-    for file in sorted(pathlib.Path(self._local.name).iterdir()):
-      size = file.stat().st_size
-      if self._uploaded.get(file.name) != size:
-        (self._remote / file.name).write_bytes(file.read_bytes())
-        self._uploaded[file.name] = size
-    self._last = time.monotonic()
-
-  def write_scalars(self, step, scalars):
-    super().write_scalars(step, scalars)
-    if time.monotonic() - self._last > self.UPLOAD_SECONDS:
-      self.flush()
-
-  def flush(self):
-    super().flush()
-    self._upload()
-
-  def close(self):
-    super().close()
-    try:
-      self._upload()
-    finally:
-      self._local.cleanup()
+                                            bucket_events.BucketSummaryWriter(self.path)])

@@ -27,16 +27,56 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vdm_jax import errors
 from vdm_jax.runtime import gcs
 from vdm_jax.runtime import workdir as workdir_lib
 
 LOCK_FILE = 'lock.json'
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
+# The owner stops once its heartbeat has failed this long: before others may take over.
+SILENCE_LIMIT_SECONDS = STALE_SECONDS - 2 * HEARTBEAT_SECONDS
 
 
 class WorkdirBusyError(workdir_lib.WorkdirError):
   """Another live process owns the workdir."""
+
+
+class LockLostError(workdir_lib.WorkdirError, errors.StorageLost):
+  """The run no longer holds the lock surely: taken over, or unrefreshed too long."""
+
+
+class Holding:
+  """The state of a lock held (what the heartbeat thread saw), for the training loop.
+
+  `problem()` is None while the lock is ours; else the message to stop with: another
+  process took it over, or no refresh succeeded for `limit` seconds (the storage stopped
+  answering). Processes other than 0 hold nothing and never see a problem.
+  """
+
+  def __init__(self, path=None, limit: float = SILENCE_LIMIT_SECONDS):
+    self.path = path
+    self.limit = min(limit, SILENCE_LIMIT_SECONDS)
+    self.refreshed = time.monotonic()  # the last successful write
+    self.error = None  # why the refreshes since then failed
+    self.taken = False
+
+  def problem(self):
+    if self.path is None:
+      return None
+    if self.taken:
+      return (f'The lock {self.path} was taken over by another process (see its record '
+              'there), so this run stopped without saving. Two runs must not share a '
+              'workdir; see which one should continue.')
+    silent = time.monotonic() - self.refreshed
+    if silent <= self.limit:
+      return None
+    return (f'The storage of the workdir has not answered for {silent:.0f} s: its lock '
+            f'{self.path} could not be refreshed ({self.error}). The run stopped without '
+            'saving (another run may take over a lock unrefreshed for '
+            f'{STALE_SECONDS:.0f} s); the checkpoints complete before are intact. Check '
+            'the storage (network, credentials, bucket or disk) and run the same command '
+            'again: training resumes from the newest complete checkpoint.')
 
 
 def _now() -> float:
@@ -170,8 +210,10 @@ def acquire(wd: workdir_lib.Workdir, lock=None) -> dict:
 
 
 @contextlib.contextmanager
-def hold(wd: workdir_lib.Workdir):
-  """Holds the workdir's lock (taken by process 0, agreed by all) for the block."""
+def hold(wd: workdir_lib.Workdir, timeout: float = SILENCE_LIMIT_SECONDS):
+  """Holds the workdir's lock (taken by process 0, agreed by all) for the block; yields
+  a Holding, whose problem() the block checks (its heartbeat fails after `timeout`
+  seconds, or SILENCE_LIMIT_SECONDS if that is shorter)."""
   error, record, lock = None, None, None
   if jax.process_index() == 0:
     try:
@@ -186,17 +228,21 @@ def hold(wd: workdir_lib.Workdir):
   if error is not None:
     raise error
   stop = threading.Event()
-  beat = None
+  holding, beat = Holding(), None
   if record is not None:
-    beat = threading.Thread(target=_heartbeat, args=(lock, record, stop), daemon=True,
-                            name='vdm_jax-workdir-lock')
+    holding = Holding(lock.path, timeout)
+    beat = threading.Thread(target=_heartbeat, args=(lock, record, stop, holding),
+                            daemon=True, name='vdm_jax-workdir-lock')
     beat.start()
+  finished = False
   try:
-    yield
+    yield holding
+    finished = True
   finally:
     stop.set()
     if beat is not None:
-      beat.join(timeout=gcs.LOCK_RETRY_SECONDS)
+      # After a failure the heartbeat may be retrying an unreachable bucket: no wait.
+      beat.join(timeout=gcs.LOCK_RETRY_SECONDS if finished else 1.0)
       _release(lock, record)
 
 
@@ -213,8 +259,9 @@ def _release(lock, record: dict) -> None:
                     'stale.', lock.path, e)
 
 
-def _heartbeat(lock, record: dict, stop: threading.Event) -> None:
-  while not stop.wait(HEARTBEAT_SECONDS):
+def _heartbeat(lock, record: dict, stop: threading.Event, holding: Holding) -> None:
+  """Refreshes the lock until `stop`, at least three times within holding.limit."""
+  while not stop.wait(min(HEARTBEAT_SECONDS, holding.limit / 3)):
     try:
       if isinstance(lock, _LocalLock) and _owner(lock)[0].get('token') != record['token']:
         taken = True
@@ -222,8 +269,11 @@ def _heartbeat(lock, record: dict, stop: threading.Event) -> None:
         record['heartbeat'] = _now()
         taken = not lock.refresh(json.dumps(record).encode())
     except Exception as e:  # pylint: disable=broad-except  # a full disk or an unreachable
-      logging.warning('Could not refresh the lock %s: %s', lock.path, e)  # bucket must
-      continue  # not kill training from a side thread
+      logging.warning('Could not refresh the lock %s: %s', lock.path, e)  # bucket: the
+      holding.error = f'{type(e).__name__}: {str(e)[:300]}'  # loop decides (problem())
+      continue
     if taken:
       logging.error('The lock %s was taken by another process.', lock.path)
+      holding.taken = True
       return
+    holding.refreshed, holding.error = time.monotonic(), None

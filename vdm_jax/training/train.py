@@ -12,7 +12,6 @@ import math
 
 from absl import logging
 from clu import parameter_overview
-from clu import periodic_actions
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -156,12 +155,20 @@ def nonfinite_message(step: int, metrics: dict, skipped: bool = False) -> str:
                  '--config.training.skip_nonfinite=True to skip such steps.')
 
 
-def _agreed(signals: signals_lib.Deferred) -> bool:
-  """True on every process when any process got a signal (multi-host agreement)."""
-  local = signals.signum is not None
+def _agreed(*flags: bool) -> tuple[bool, ...]:
+  """Each flag, true on every process when it is true on any (multi-host agreement)."""
   if jax.process_count() == 1:
-    return local
-  return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    return flags
+  gathered = multihost_utils.process_allgather(np.array(flags, dtype=bool))
+  return tuple(bool(b) for b in np.any(gathered.reshape(-1, len(flags)), axis=0))
+
+
+def _stop_if_lost(holding: workdir_lock.Holding, lost: bool) -> None:
+  """Raises LockLostError on every process once any process's lock has a problem."""
+  if lost:
+    raise workdir_lock.LockLostError(
+        holding.problem() or 'Process 0 lost the lock of the workdir (see its log); the '
+        'run stopped without saving. Run the same command again.')
 
 
 def _write_train_metrics(writer, step: int, pending: list[dict], skipped: int) -> None:
@@ -203,14 +210,16 @@ def train_and_evaluate(config, workdir, *, mesh=None,
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
   wd.create()
-  with signals_lib.Deferred() as signals, workdir_lock.hold(wd):
+  tc = config.training
+  with (signals_lib.Deferred() as signals,
+        workdir_lock.hold(wd, timeout=tc.storage_timeout) as holding):
     wd.check_writable()
-    tc = config.training
-    manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True)
+    manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True,
+                                       timeout=tc.storage_timeout)
     writer = None
     try:
       state = _start(run, wd, manager, allow_config_change)
-      if _agreed(signals):
+      if _agreed(signals.signum is not None)[0]:
         raise errors.Stopped(signals.signum)
       wd.write_config(config)  # the run starts: every check above has passed
       writer = wd.metric_writer(just_logging=jax.process_index() > 0)
@@ -221,21 +230,41 @@ def train_and_evaluate(config, workdir, *, mesh=None,
                               if isinstance(v, (int, float, str, bool))})
       logging.info('Training %s from step %d to %d on %d device(s); workdir %s.',
                    run.info.name, step, tc.num_steps, run.mesh.devices.size, wd)
-      state = _train_loop(run, wd, state, manager, writer, signals)
-    finally:
-      manager.wait_until_finished()  # never leave a save half-written on the way out
-      manager.close()
-      if writer is not None:
-        writer.flush()
+      state = _train_loop(run, wd, state, manager, writer, signals, holding)
+    except errors.StorageLost:
+      raise  # nothing more can be written: an abandoned save leaves no partial checkpoint
+    except BaseException:
+      _close(manager, writer, tc.storage_timeout, quietly=True)
+      raise
+    _close(manager, writer, tc.storage_timeout)
   return state
 
 
-def _train_loop(run, wd, state, manager, writer, signals):
+def _close(manager, writer, timeout: float, quietly: bool = False) -> None:
+  """Waits for the save in flight (never left half-written), flushes the metrics.
+
+  quietly: on the way out after an error, which a failure here (the same storage,
+  most likely) must not replace; it is logged instead.
+  """
+  try:
+    checkpoints.wait(manager, timeout)
+    manager.close()
+    if writer is not None:
+      writer.flush()
+  except Exception as e:  # pylint: disable=broad-except
+    if not quietly:
+      raise
+    logging.error('While stopping: %s: %s', type(e).__name__, str(e)[:500])
+
+
+def _train_loop(run, wd, state, manager, writer, signals, holding):
   config, tc = run.config, run.config.training
   step = int(jax.device_get(state.step))
   train_call = make_train_call(run.model, run.tx, config, run.mesh)
   batches = input_pipeline.train_batches(
       config.data, global_batch_size=tc.batch_size, seed=config.seed, start_step=step)
+  # Imports TensorFlow, as clu's writers do: here, not by every command (Workdir.metric_writer).
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   # Steps/s and time left, every 30 s (dispatches advance several steps at a time).
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                            every_secs=30.0)
@@ -270,11 +299,12 @@ def _train_loop(run, wd, state, manager, writer, signals):
     if _is_multiple(step, tc.log_every) or step == tc.num_steps:
       _write_train_metrics(writer, step, pending, skipped)
       pending = []
-    preempt = _agreed(signals)
+    preempt, lost = _agreed(signals.signum is not None, holding.problem() is not None)
+    _stop_if_lost(holding, lost)
     if _is_multiple(step, tc.checkpoint_every) or step == tc.num_steps or preempt:
-      checkpoints.save(manager, step, state)
+      checkpoints.save(manager, step, state, tc.storage_timeout)
     if preempt:
-      manager.wait_until_finished()
+      checkpoints.wait(manager, tc.storage_timeout)
       writer.flush()
       raise errors.Preempted(step, wd)
     if _is_multiple(step, tc.eval_every) and step < tc.num_steps:
