@@ -98,7 +98,7 @@ def _net_and_params(**overrides):
   net = networks.make_score_model(cfg, name=None)
   z = jax.random.normal(jax.random.key(1), (2, 6, 10, 3))
   g = jnp.array([-3.0, 2.0])
-  variables = net.init(jax.random.key(0), z, g, jnp.zeros((2,)))
+  variables = jax.jit(net.init)(jax.random.key(0), z, g, jnp.zeros((2,)))  # eager: slow
   params = common.perturb(variables['params'], jax.random.key(2), scale=0.2)
   return net, params, z, g
 
@@ -106,8 +106,8 @@ def _net_and_params(**overrides):
 def test_dropout_only_in_training_mode():
   net, params, z, g = _net_and_params()
   c = jnp.zeros((2,))
-  apply = lambda det, key: net.apply({'params': params}, z, g, c, det,
-                                     rngs={'dropout': jax.random.key(key)})
+  apply = jax.jit(lambda det, key: net.apply({'params': params}, z, g, c, det, rngs={
+      'dropout': jax.random.key(key)}), static_argnums=0)  # op by op: slow
   np.testing.assert_array_equal(apply(True, 0), apply(True, 1))
   assert not np.allclose(apply(False, 0), apply(False, 1))
   assert not np.allclose(apply(False, 0), apply(True, 0))
@@ -122,28 +122,15 @@ def test_output_shape_channels_and_conditioning_matter():
   # Fresh network: zero-init conv_out makes ε̂ = z exactly (the original's base measure).
   cfg = common.tiny_model_config()
   fresh = networks.make_score_model(cfg, name=None)
-  v = fresh.init(jax.random.key(0), z, g, jnp.zeros((2,)))
+  v = jax.jit(fresh.init)(jax.random.key(0), z, g, jnp.zeros((2,)))
   np.testing.assert_array_equal(fresh.apply(v, z, g, jnp.zeros((2,))), z)
-
-
-def test_remat_changes_nothing_but_memory():
-  net, params, z, g = _net_and_params(p_drop=0.0)
-  remat = networks.make_score_model(
-      common.tiny_model_config(p_drop=0.0, remat=True), name=None)
-  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, z, g, jnp.zeros((2,))) ** 2)
-  a, ga = jax.value_and_grad(loss(net))(params)
-  b, gb = jax.value_and_grad(loss(remat))(params)
-  np.testing.assert_allclose(a, b, rtol=1e-6)
-  # Same operations, possibly fused differently: float32 rounding relative to each leaf.
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(
-      u, v, rtol=1e-5, atol=1e-5 * float(jnp.abs(v).max())), ga, gb)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
   net, params, z, g = _net_and_params(p_drop=0.0)
   bf = networks.make_score_model(
       common.tiny_model_config(p_drop=0.0, dtype='bfloat16'), name=None)
-  v = bf.init(jax.random.key(0), z, g, jnp.zeros((2,)))
+  v = jax.jit(bf.init)(jax.random.key(0), z, g, jnp.zeros((2,)))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v))
   out = bf.apply({'params': params}, z, g, jnp.zeros((2,)))
   ref = net.apply({'params': params}, z, g, jnp.zeros((2,)))
@@ -163,7 +150,7 @@ def test_remat_draws_the_same_dropout_masks():
   remat = networks.make_score_model(
       common.tiny_model_config(remat=True, **kw), name=None)
   c = jnp.array([0.0, 1.0])
-  inits = [m.init(jax.random.key(0), z, g, c) for m in (net, remat)]
+  inits = [jax.jit(m.init)(jax.random.key(0), z, g, c) for m in (net, remat)]
   assert jax.tree.structure(inits[0]) == jax.tree.structure(inits[1])
   jax.tree.map(np.testing.assert_array_equal, *inits)
 
@@ -355,9 +342,10 @@ def test_channel_mult_every_level_is_trained():
   net = networks.make_score_model(cfg, name=None)
   z = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   g = jnp.array([0.0, 2.0])
-  params = common.perturb(net.init(jax.random.key(0), z, g, jnp.zeros((2,)))['params'],
-                          jax.random.key(2), scale=0.2)
+  params = common.perturb(
+      jax.jit(net.init)(jax.random.key(0), z, g, jnp.zeros((2,)))['params'],
+      jax.random.key(2), scale=0.2)
   loss = lambda p: jnp.sum(net.apply({'params': p}, z, g, jnp.zeros((2,))) ** 2)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)  # op by op, a U-Net's gradient takes ~4x longer
   for name, leaf in flax.traverse_util.flatten_dict(grads, sep='/').items():
     assert float(jnp.abs(leaf).max()) > 0, name

@@ -78,7 +78,9 @@ for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   mesh = parallel.make_mesh(devices)
   run = build.build(cfg, mesh)
   info, model, tx = run.info, run.model, run.tx
-  state = run.init_state()
+  if name == '1':
+    initial = jax.device_get(run.init_state())
+  state = jax.device_put(initial, parallel.replicated(mesh))  # one init, compiled once
   call = train.make_train_call(model, tx, cfg, mesh)
   batch = next(input_pipeline.train_batches(cfg.data, global_batch_size=8, seed=0))
   gb = {k: parallel.global_array(mesh, v[None], 1) for k, v in batch.items()}
