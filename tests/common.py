@@ -157,16 +157,34 @@ def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
 
   A command is the argument list after `python`: ('-m', 'vdm_jax.main', '--config=…', …)
   or ('experiments/codec_eval.py', …). Each runs in a child forked from an interpreter
-  that imported the package's dependencies once (tests/forked_commands.py), with its own
-  argv, exit status, stdout and stderr, and its own JAX backend: a CLI call without the
-  ~6 CPU-s of imports of a fresh interpreter. For commands that only need to run one
-  after another; those that run concurrently or receive signals need real processes.
+  that imported the package's dependencies once (tests/cli_server.py; where `env` sets
+  variables read on import, tests/forked_commands.py, started for these commands), with
+  its own argv, exit status, stdout and stderr, and its own JAX backend: a CLI call
+  without the ~5 CPU-s of imports of a fresh interpreter. For commands that run one
+  after another; BackgroundCli runs one concurrently, to be signalled or killed.
   Returns one CompletedProcess per command.
   """
   import json, os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
   full_env = dict(os.environ, JAX_PLATFORMS='cpu',
                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                   **(env or {}))
+  server = _server_for(full_env)
+  if server is not None:
+    results = []
+    for command in commands:
+      with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = ForkedProcess(server, command, full_env, REPO, (out.fileno(), err.fileno()))
+        try:
+          code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+          code = proc.wait()
+        texts = []
+        for f in (out, err):
+          f.seek(0)
+          texts.append(f.read().decode(errors='replace'))
+      results.append(subprocess.CompletedProcess([sys.executable, *command], code, *texts))
+    return results
   with tempfile.TemporaryDirectory() as out:
     spec = os.path.join(out, 'spec.json')
     with open(spec, 'w') as f:
@@ -187,17 +205,122 @@ def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
     return results
 
 
+# Variables that the preloaded modules of tests/cli_server.py do not read on import: a
+# child may have its own (the others must equal the server's, else a fresh interpreter).
+_READ_AT_RUN_TIME = ('XLA_FLAGS', 'PYTEST_', 'STORAGE_EMULATOR_HOST', 'TENSORSTORE_',
+                     'GOOGLE_')
+
+
+class _CliServer:
+  """tests/cli_server.py, started on first use, once per test process."""
+
+  def __init__(self):
+    import atexit, os, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+    self.folder = tempfile.mkdtemp(prefix='vdm_cli_')
+    self.path = os.path.join(self.folder, 'socket')
+    self.env = dict(os.environ, JAX_PLATFORMS='cpu')
+    self.proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'cli_server.py'),
+                                  self.path], cwd=REPO, env=self.env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    assert self.proc.stdout.readline().strip() == 'ready'
+    atexit.register(self.proc.kill)
+
+  def serves(self, env) -> bool:
+    def fixed(e):
+      return {k: v for k, v in e.items() if not k.startswith(_READ_AT_RUN_TIME)}
+    return self.proc.poll() is None and fixed(env) == fixed(self.env)
+
+
+_SERVER = []
+
+
+class ForkedProcess:
+  """`python ARGS`, forked by tests/cli_server.py: a real process (its own pid, signals,
+  exit status), without a fresh interpreter's imports. The parts of subprocess.Popen
+  that BackgroundCli uses; stdout and stderr together in `stdout`."""
+
+  def __init__(self, server: _CliServer, args, env, cwd, outputs=None):
+    """outputs: file descriptors for stdout and stderr; None: a pipe for both (`stdout`)."""
+    import json, os, socket  # pylint: disable=g-import-not-at-top,multiple-imports
+    self.stdout = None
+    if outputs is None:
+      read_end, write_end = os.pipe()
+      self.stdout = os.fdopen(read_end, 'r', errors='replace')
+      outputs = [write_end]
+    self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    self._conn.connect(server.path)
+    request = json.dumps(dict(args=[str(a) for a in args], env=env, cwd=str(cwd)))
+    socket.send_fds(self._conn, [request.encode() + b'\n'], list(outputs))
+    if self.stdout is not None:
+      os.close(outputs[0])
+    self._buffer = b''
+    self.pid = self._message()['pid']
+    self.returncode = None
+
+  def _message(self) -> dict:
+    import json  # pylint: disable=g-import-not-at-top
+    while b'\n' not in self._buffer:
+      data = self._conn.recv(4096)
+      if not data:
+        raise RuntimeError('tests/cli_server.py went away')
+      self._buffer += data
+    line, self._buffer = self._buffer.split(b'\n', 1)
+    return json.loads(line)
+
+  def poll(self):
+    import select  # pylint: disable=g-import-not-at-top
+    if self.returncode is None and (b'\n' in self._buffer or
+                                    select.select([self._conn], [], [], 0)[0]):
+      self.returncode = self._message()['status']
+    return self.returncode
+
+  def wait(self, timeout=None):
+    import select  # pylint: disable=g-import-not-at-top
+    if self.returncode is None:
+      if b'\n' not in self._buffer and not select.select([self._conn], [], [], timeout)[0]:
+        raise subprocess.TimeoutExpired(['pid', self.pid], timeout)
+      self.returncode = self._message()['status']
+    return self.returncode
+
+  def send_signal(self, sig) -> None:
+    import os  # pylint: disable=g-import-not-at-top
+    if self.poll() is None:
+      try:
+        os.kill(self.pid, sig)
+      except ProcessLookupError:
+        pass  # ended, not yet reported
+
+  def kill(self) -> None:
+    import signal  # pylint: disable=g-import-not-at-top
+    self.send_signal(signal.SIGKILL)
+
+
+def _server_for(env):
+  """The tests' cli_server when it can run a command with `env` (the server's own,
+  bar variables read at run time); else None."""
+  if not _SERVER:
+    _SERVER.append(_CliServer())
+  return _SERVER[0] if _SERVER[0].serves(env) else None
+
+
+def start_cli(args, env, cwd=REPO):
+  """`python ARGS` with stdout and stderr together: forked by tests/cli_server.py when
+  the environment allows it, else a fresh interpreter."""
+  server = _server_for(env)
+  if server is not None:
+    return ForkedProcess(server, args, env, cwd)
+  return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 class BackgroundCli:
   """`python -m vdm_jax.main --mode=train` in the background, output read line by line."""
 
   running = []  # the tests kill these at the end of each test, whatever happened
 
   def __init__(self, workdir, flags, env):
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'vdm_jax.main', '--config=configs/test.py',
-         f'--workdir={workdir}', *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    self.proc = start_cli(['-m', 'vdm_jax.main', '--config=configs/test.py',
+                           f'--workdir={workdir}', *flags], env)
     BackgroundCli.running.append(self.proc)
     self.lines = []
     self.times = []  # when each line arrived

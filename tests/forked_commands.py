@@ -28,6 +28,11 @@ def _child(args: list[str], out: str, err: str) -> int:
   """Runs one command in this (forked) process; returns its exit status."""
   for fd, path in ((1, out), (2, err)):
     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+  return run_as_python(args)
+
+
+def run_as_python(args: list[str]) -> int:
+  """Runs `python ARGS` in this process (a forked child); returns its exit status."""
   try:
     if args[0] == '-m':
       sys.argv = [args[1], *args[2:]]
