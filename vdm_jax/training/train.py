@@ -205,7 +205,9 @@ def train_and_evaluate(config, workdir, *, mesh=None,
   config valid, the lock taken, the workdir writable, the checkpoint to resume from
   restored. SIGTERM/SIGINT are deferred from before the lock is taken until it is let
   go: one before the first step raises errors.Stopped with nothing changed, one during
-  training errors.Preempted after the step in flight and its checkpoint.
+  training errors.Preempted after the step in flight and its checkpoint. Storage that
+  stops answering (a save, or the lock's heartbeat, past training.storage_timeout)
+  raises errors.StorageLost at once, with nothing more written or waited for.
   """
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
