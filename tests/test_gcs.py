@@ -368,11 +368,14 @@ class _Emulator:
 
 
 @pytest.mark.slow
-def test_storage_lost_mid_run_stops_with_a_message_and_the_rerun_resumes(trained, tmp_path):
-  """The storage emulator killed while a run trains: the run stops with a message and
-  exit 2 within seconds of training.storage_timeout, the checkpoints complete before
-  intact; with the emulator back, the same command resumes from the newest of them and
-  ends with the uninterrupted run's parameters, EMA and optimiser state."""
+@pytest.mark.parametrize('how', ['killed', 'hung'])
+def test_storage_lost_mid_run_stops_with_a_message_and_the_rerun_resumes(trained, tmp_path,
+                                                                         how):
+  """The storage emulator killed (connections refused) or stopped by SIGSTOP (connections
+  accepted, never answered) while a run trains: the run stops with a message and exit 2
+  within seconds of training.storage_timeout, the checkpoints complete before intact;
+  with the emulator back, the same command resumes from the newest of them and ends with
+  the uninterrupted run's parameters, EMA and optimiser state."""
   config, _, final, _ = trained
   emulator = _Emulator(tmp_path / 'objects', 'lost')
   emulator.start()
@@ -385,7 +388,10 @@ def test_storage_lost_mid_run_stops_with_a_message_and_the_rerun_resumes(trained
   assert run.wait_for(r'\] \[4\] train/'), run.output[-3000:]
   run.send(signal.SIGSTOP)  # paused, so that it cannot reach the end before the storage goes
   complete = emulator.complete_steps('lost/run')
-  emulator.stop()
+  if how == 'hung':
+    emulator.proc.send_signal(signal.SIGSTOP)
+  else:
+    emulator.stop()
   lost_at = time.monotonic()
   run.send(signal.SIGCONT)
   assert run.finish() == 2, run.output[-3000:]
@@ -396,7 +402,10 @@ def test_storage_lost_mid_run_stops_with_a_message_and_the_rerun_resumes(trained
   assert 'intact' in message and 'run the same command again' in message, message
   assert emulator.complete_steps('lost/run')[:len(complete)] == complete
 
-  emulator.start()
+  if how == 'hung':
+    emulator.proc.send_signal(signal.SIGCONT)
+  else:
+    emulator.start()
   run = common.BackgroundCli('gs://lost/run', flags, env)
   assert run.finish() == 0, run.output[-3000:]
   newest = emulator.complete_steps('lost/run')
