@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Train the embedded MNIST default (9–20 min on 2 CPU cores), then print the test bpd,
+# Train the embedded MNIST default (~11 min on 2 CPU cores), then print the test bpd,
 # write a grid of samples and score 1,000 samples (~5 CPU-min). Run it again to resume
 # (or to re-evaluate).
 mnist: setup
