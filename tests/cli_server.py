@@ -5,27 +5,54 @@ the package's dependencies (see common.BackgroundCli).
 
 A CLI process spends ~5 CPU-s importing JAX, flax, orbax and TensorFlow before it does
 anything; the tests that signal, kill or race real processes start dozens. This server
-imports them once (forked_commands.PRELOAD) and then, for each request on the Unix
-socket SOCKET, forks a child that runs the command as `python ARGS` would, with the
-request's environment, working directory and stdout and stderr (one or two file
-descriptors passed with the request). The child is a real process: it can be signalled and killed by its
-pid, takes its own JAX backend (nothing here initialises one) and exits with its own
-status, which the server reports on the request's connection once it has reaped it.
+imports them once (PRELOAD) and then, for each request on the Unix socket SOCKET, forks
+a child that runs the command as `python ARGS` would, with the request's environment,
+working directory, stdout and stderr (one or two file descriptors passed with the
+request). The child is a real process: it can be signalled and killed by its pid, takes
+its own JAX backend (nothing here initialises one) and exits with its own status, which
+the server reports on the request's connection once it has reaped it.
 
 Protocol, one connection per child: the client sends one JSON line {"args": [...],
-"env": {...}, "cwd": "..."} with the output descriptors (stdout, stderr; one for both); the server answers
-{"pid": PID}\n at once and {"status": CODE}\n when the child has ended (CODE as
-subprocess reports it: the exit status, or −N for signal N).
+"env": {...}, "cwd": "..."} with the output descriptors (stdout and stderr, or one for
+both); the server answers {"pid": PID}\n at once and {"status": CODE}\n when the child
+has ended (CODE as subprocess reports it: the exit status, or −N for signal N).
 """
 
 import json
 import os
 import select
+import runpy
 import signal
 import socket
 import sys
+import traceback
 
-import forked_commands
+PRELOAD = ('absl.app', 'ml_collections.config_flags', 'jax', 'flax', 'optax',
+           'orbax.checkpoint', 'clu.metric_writers', 'vdm_jax.training.train',
+           'vdm_jax.evaluation.evaluate', 'vdm_jax.evaluation.sampling',
+           'vdm_jax.codec.tools', 'vdm_jax.original', 'vdm_jax.reporting')
+
+
+def run_as_python(args: list[str]) -> int:
+  """Runs `python ARGS` in this process (a forked child); returns its exit status."""
+  try:
+    if args[0] == '-m':
+      sys.argv = [args[1], *args[2:]]
+      sys.path[0] = os.getcwd()  # as `python -m` sets it
+      runpy.run_module(args[1], run_name='__main__', alter_sys=True)
+    else:
+      sys.argv = list(args)
+      sys.path[0] = os.path.dirname(os.path.abspath(args[0]))  # as `python SCRIPT` sets it
+      runpy.run_path(args[0], run_name='__main__')
+    return 0
+  except SystemExit as e:
+    if e.code is None or isinstance(e.code, int):
+      return e.code or 0
+    print(e.code, file=sys.stderr)  # sys.exit('message'), as the interpreter does
+    return 1
+  except BaseException:  # pylint: disable=broad-except  # as the interpreter reports it
+    traceback.print_exc()
+    return 1
 
 
 def _start_child(request: dict, output_fds: list[int]) -> int:
@@ -45,7 +72,7 @@ def _start_child(request: dict, output_fds: list[int]) -> int:
     os.dup2(devnull, 0)
     os.dup2(output_fds[0], 1)
     os.dup2(output_fds[-1], 2)
-    code = forked_commands.run_as_python(request['args'])
+    code = run_as_python(request['args'])
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -54,7 +81,7 @@ def _start_child(request: dict, output_fds: list[int]) -> int:
 
 def serve(path: str) -> None:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  for name in forked_commands.PRELOAD:
+  for name in PRELOAD:
     __import__(name)
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(path)

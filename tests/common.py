@@ -157,14 +157,14 @@ def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
 
   A command is the argument list after `python`: ('-m', 'vdm_jax.main', '--config=…', …)
   or ('experiments/codec_eval.py', …). Each runs in a child forked from an interpreter
-  that imported the package's dependencies once (tests/cli_server.py; where `env` sets
-  variables read on import, tests/forked_commands.py, started for these commands), with
-  its own argv, exit status, stdout and stderr, and its own JAX backend: a CLI call
-  without the ~5 CPU-s of imports of a fresh interpreter. For commands that run one
+  that imported the package's dependencies once (tests/cli_server.py), with its own
+  argv, exit status, stdout and stderr, and its own JAX backend: a CLI call without the
+  ~5 CPU-s of imports of a fresh interpreter (a fresh interpreter it is where `env`
+  changes variables read on import). For commands that run one
   after another; BackgroundCli runs one concurrently, to be signalled or killed.
   Returns one CompletedProcess per command.
   """
-  import json, os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  import os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
   full_env = dict(os.environ, JAX_PLATFORMS='cpu',
                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                   **(env or {}))
@@ -185,24 +185,9 @@ def run_commands(*commands, devices: int = 1, timeout: int = 600, env=None):
           texts.append(f.read().decode(errors='replace'))
       results.append(subprocess.CompletedProcess([sys.executable, *command], code, *texts))
     return results
-  with tempfile.TemporaryDirectory() as out:
-    spec = os.path.join(out, 'spec.json')
-    with open(spec, 'w') as f:
-      json.dump(dict(commands=[[str(a) for a in c] for c in commands], out=out,
-                     timeout=timeout), f)
-    driver = subprocess.run([sys.executable, str(REPO / 'tests' / 'forked_commands.py'), spec],
-                            cwd=REPO, env=full_env, capture_output=True, text=True,
-                            timeout=timeout * len(commands) + 120)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    with open(os.path.join(out, 'codes.json')) as f:
-      codes = json.load(f)
-    results = []
-    for i, (command, code) in enumerate(zip(commands, codes)):
-      with open(os.path.join(out, f'{i}.out'), errors='replace') as o, \
-           open(os.path.join(out, f'{i}.err'), errors='replace') as e:
-        results.append(subprocess.CompletedProcess([sys.executable, *command], code,
-                                                   o.read(), e.read()))
-    return results
+  return [subprocess.run([sys.executable, *map(str, command)], cwd=REPO, env=full_env,
+                         capture_output=True, text=True, timeout=timeout)
+          for command in commands]
 
 
 # Variables that the preloaded modules of tests/cli_server.py do not read on import: a
@@ -215,15 +200,16 @@ class _CliServer:
   """tests/cli_server.py, started on first use, once per test process."""
 
   def __init__(self):
-    import atexit, os, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
-    self.folder = tempfile.mkdtemp(prefix='vdm_cli_')
-    self.path = os.path.join(self.folder, 'socket')
+    import atexit, os, shutil, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+    folder = tempfile.mkdtemp(prefix='vdm_cli_')
+    self.path = os.path.join(folder, 'socket')
     self.env = dict(os.environ, JAX_PLATFORMS='cpu')
     self.proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'cli_server.py'),
                                   self.path], cwd=REPO, env=self.env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     assert self.proc.stdout.readline().strip() == 'ready'
-    atexit.register(self.proc.kill)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(self.proc.kill)  # runs first
 
   def serves(self, env) -> bool:
     def fixed(e):
