@@ -95,6 +95,24 @@ for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
     r = evaluate.evaluate(model, state.params, cfg, mesh)
     out[name]['evals'][f'{batch_size}/{num}'] = [r['num_examples'], r['bpd']]
 cfg.eval.batch_size, cfg.eval.num_examples = 64, 100
+mulan = common.load_config('test')  # a schedule per sub-pixel with its latent, t-proposal
+mulan.model.update(schedule='mulan', mulan_latent_draws=3, mulan_latent_classes=5,
+                   time_sampling='adaptive')
+for name, devices in (('mulan1', jax.devices()[:1]), ('mulan8', jax.devices())):
+  mesh = parallel.make_mesh(devices)
+  run = build.build(mulan, mesh)
+  if name == 'mulan1':
+    initial = jax.device_get(run.init_state())
+  state = jax.device_put(initial, parallel.replicated(mesh))
+  batch = next(input_pipeline.train_batches(mulan.data, global_batch_size=8, seed=0))
+  gb = {k: parallel.global_array(mesh, v[None], 1) for k, v in batch.items()}
+  state, metrics = train.make_train_call(run.model, run.tx, mulan, mesh)(state, gb)
+  out[name] = dict(loss=float(metrics['loss'][0]),
+                   latent=float(metrics['bpd_latent'][0]),
+                   coefficients=np.asarray(
+                       state.params['gamma']['coefficients']['dense_out']['kernel']
+                   ).ravel()[:50].tolist(),
+                   bins=np.asarray(state.time_sampler.mean_loss).tolist())
 cfg.model.time_sampling = 'antithetic'  # the settings of reference_run
 final = train.train_and_evaluate(cfg, WORKDIR)
 np.savez(WORKDIR + '/final_params.npz', *[np.asarray(x) for x in jax.tree.leaves(final.params)])
@@ -122,6 +140,13 @@ def test_one_step_same_on_1_and_8_devices(eight_devices):
   # The adaptive proposal's bins: the same global batch's integrands, all-reduced.
   assert out['8']['updates'] == out['1']['updates'] and sum(out['1']['updates']) > 0
   np.testing.assert_allclose(out['8']['bins'], out['1']['bins'], rtol=1e-5)
+  # The mulan schedule (docs/maths.md §13): latent draws and t-proposal over the global batch.
+  assert out['mulan8']['loss'] == pytest.approx(out['mulan1']['loss'], rel=1e-5)
+  assert out['mulan8']['latent'] == pytest.approx(out['mulan1']['latent'], rel=1e-4)
+  assert max(map(abs, out['mulan1']['coefficients'])) > 0  # the schedule trained
+  np.testing.assert_allclose(out['mulan8']['coefficients'], out['mulan1']['coefficients'],
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(out['mulan8']['bins'], out['mulan1']['bins'], rtol=1e-5)
 
 
 @pytest.mark.slow

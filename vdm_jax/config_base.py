@@ -53,10 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.adaptive_decay = 0.99  # adaptive: decay of each bin's running average, per update of that bin.
   model.adaptive_uniform = 0.1  # adaptive: share of the uniform density mixed in, so that p(γ) > 0 everywhere.
   # Noise schedule (§2).
-  model.schedule = 'learned_linear'  # fixed_linear | learned_linear | learned_nnet.
+  model.schedule = 'learned_linear'  # fixed_linear | learned_linear | learned_nnet | mulan (a learned schedule per sub-pixel, conditioned on a latent of the image: §13).
   model.schedule_endpoints = 'free'  # learned_nnet only: free (original code) | pinned (paper).
   model.gamma_min = -13.3  # gamma(0) at initialisation; also the network's time normalisation.
   model.gamma_max = 5.0  # gamma(1) at initialisation; also the network's time normalisation.
+  model.mulan_latent_draws = 15  # mulan: k, categorical latents c_1..c_k inferred from each image by q(c|x) (§13.2); 0 = no latent (one learned schedule per sub-pixel, the same for every image).
+  model.mulan_latent_classes = 50  # mulan: K, classes of each categorical latent; the latent costs at most k·ln K nats per image.
+  model.mulan_hidden = 64  # mulan: width of the network from the latent to the schedule's coefficients; the encoder's convolutions have a quarter, then half of it.
   model.schedule_variance_reduction = False  # Train the pinned schedule's shape on E[L_diff^2] (§4).
   # Training objective weighting (§5); evaluation always reports the unweighted bound.
   model.weighting = 'elbo'  # elbo | sigmoid | elbo_plus_sigmoid (vdm.weighting).
@@ -90,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   # which biases the bound itself rather than regularising the network; a GroupNorm gain
   # shrunk towards 0 is compensated by the next kernel growing, so decaying it restrains little.
   opt.weight_decay_mask = 'all_but_biases'  # all_but_biases | kernels (optim.weight_decay_mask).
+  opt.schedule_lr_scale = 1.0  # The noise schedule's parameters (and the mulan latent's encoder) take steps of this multiple of the learning rate; 1.0 = the same as the network (changing it to or from 1.0 changes the optimiser state's layout, so a run cannot resume across that change).
   opt.warmup_steps = 100  # Linear warm-up from 0 to learning_rate.
   opt.decay = 'constant'  # After warm-up: constant | cosine (to 0 at training.num_steps).
   opt.grad_clip = config_dict.placeholder(float)  # Global-norm clip; None = off.

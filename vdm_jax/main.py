@@ -42,6 +42,7 @@ from vdm_jax.runtime import compiler
 from vdm_jax.runtime import host_memory
 from vdm_jax.runtime import parallel
 from vdm_jax.training import train
+from vdm_jax import validation
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -127,6 +128,7 @@ def _import_original(config):
 
 
 def _codec(config):
+  validation.refuse_unsupported_mode(config, FLAGS.mode)
   command = (codec_tools.compress_command if FLAGS.mode == 'compress'
              else codec_tools.decompress_command)
   print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output, overwrite=FLAGS.overwrite))

@@ -15,6 +15,7 @@ from vdm_jax.data import datasets
 from vdm_jax import errors
 from vdm_jax.evaluation import feature_net
 from vdm_jax.evaluation import ode
+from vdm_jax.model import multivariate
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
 from vdm_jax.model import time_sampling
@@ -76,7 +77,7 @@ def _check_values(config) -> list[str]:
                                      if k.rsplit('.', 1)[0] == key.rsplit('.', 1)[0])))
   m, t, o, d = config.model, config.training, config.optimizer, config.data
   _choice(errors, 'data.dataset', d.dataset, datasets.DATASETS)
-  _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES)
+  _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES + (multivariate.NAME,))
   _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
   _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
   _choice(errors, 'model.prediction', m.prediction, vdm.PREDICTIONS)
@@ -125,7 +126,7 @@ def _check_values(config) -> list[str]:
                   "model.schedule = 'learned_nnet' and model.schedule_endpoints = 'pinned' "
                   f'(got {m.schedule!r}, {m.schedule_endpoints!r}): only a pinned shape '
                   'can follow the variance (docs/maths.md §4).')
-  errors += _check_time_sampling(m)
+  errors += _check_time_sampling(m) + _check_multivariate(config)
   for name, value in (('training.batch_size', t.batch_size),
                       ('training.num_steps', t.num_steps),
                       ('training.steps_per_call', t.steps_per_call),
@@ -157,6 +158,9 @@ def _check_values(config) -> list[str]:
     if not low <= value < high:
       errors.append(f'config.{name} = {value}: must be in [{low}, {high}) (Adam\'s decay '
                     'rate of a moment estimate; the paper uses b1 = 0.9, b2 = 0.99).')
+  if not o.schedule_lr_scale >= 0:
+    errors.append(f'config.optimizer.schedule_lr_scale = {o.schedule_lr_scale}: must be '
+                  '>= 0 (0 freezes the schedule, 1.0 = the learning rate itself).')
   if not o.eps > 0:
     errors.append(f'config.optimizer.eps = {o.eps}: must be > 0.')
   if o.weight_decay < 0:
@@ -179,6 +183,35 @@ def _check_values(config) -> list[str]:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
   return errors
+
+
+def _check_multivariate(config) -> list[str]:
+  """The mulan schedule's fields, and what does not work with it yet (docs/maths.md §13)."""
+  errors, m = [], config.model
+  if m.schedule != multivariate.NAME:
+    return errors
+  for name, low in (('mulan_latent_draws', 0), ('mulan_latent_classes', 2),
+                    ('mulan_hidden', 4)):
+    if not (isinstance(m[name], int) and m[name] >= low):
+      errors.append(f'config.model.{name} = {m[name]!r}: must be an integer ≥ {low}.')
+  if m.time_sampling == 'sigmoid':
+    errors.append("config.model.time_sampling = 'sigmoid' draws one noise level γ per "
+                  "image, which the mulan schedule does not have (each sub-pixel has its "
+                  "own); use 'adaptive' (a proposal over t, docs/maths.md §13.5), "
+                  "'antithetic' or 'uniform'.")
+  if config.eval.estimator == 'ode':
+    errors.append("config.eval.estimator = 'ode' is not available for model.schedule = "
+                  "'mulan' (the probability-flow ODE here takes one γ per image); use "
+                  "eval.estimator = 'bound'.")
+  return errors
+
+
+def refuse_unsupported_mode(config, mode: str) -> None:
+  """Commands that do not support the configured model, refused before anything runs."""
+  if config.model.schedule == multivariate.NAME and mode in ('compress', 'decompress'):
+    raise ConfigError([f"--mode={mode} does not support model.schedule = 'mulan' (the "
+                       'codec codes one noise level per image; its latent would need '
+                       'bits-back coding too): use a model with a scalar schedule.'])
 
 
 def _check_time_sampling(m) -> list[str]:

@@ -209,13 +209,17 @@ class ScoreUNet(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, conditioning: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, latent: Optional[jax.Array] = None) -> jax.Array:
     batch = z.shape[0]
-    # Conditioning vector: t_n = (γ_t − γ_min)/(γ_max − γ_min), embedded, + the flag.
+    # Conditioning vector: t_n = (γ_t − γ_min)/(γ_max − γ_min), embedded, + the flag
+    # (+ the [B, K] latent of a mulan schedule, docs/maths.md §13.2).
     t_n = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
     t_n = jnp.broadcast_to(jnp.asarray(t_n, jnp.float32), (batch,))
     temb = timestep_embedding(t_n, self.n_embd)
-    cond = jnp.concatenate([temb, conditioning.astype(jnp.float32)[:, None]], axis=1)
+    cond = [temb, conditioning.astype(jnp.float32)[:, None]]
+    if latent is not None:
+      cond.append(latent.astype(jnp.float32))
+    cond = jnp.concatenate(cond, axis=1)
     cond = nn.swish(nn.Dense(4 * self.n_embd, dtype=self.dtype, name='dense0')(cond))
     cond = nn.swish(nn.Dense(4 * self.n_embd, dtype=self.dtype, name='dense1')(cond))
 

@@ -32,6 +32,11 @@ def stratified_uniforms(key: jax.Array, batch: int, stratified: bool = True) -> 
   return jax.random.uniform(key, (batch,))
 
 
+def discretise_times(t: jax.Array, timesteps: int) -> jax.Array:
+  """t ← ceil(t·T)/T, in {1/T, …, 1} (t = 0 maps to 1/T so that s = t − 1/T ≥ 0) (§3)."""
+  return jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
+
+
 # ------------------------------------------------------------------ proposals (§11)
 @flax.struct.dataclass
 class Proposal:

@@ -12,7 +12,6 @@ from a proposal).
     out.loss_recon, out.loss_klz, out.loss_diff, out.bpd   # each [B]
 """
 
-import functools
 import math
 from typing import Any, Optional
 
@@ -22,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vdm_jax.model import decoder
+from vdm_jax.model import multivariate
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
 from vdm_jax.model import time_sampling
@@ -31,74 +32,12 @@ PREDICTIONS = ('eps', 'v')
 
 
 # ------------------------------------------------------------------ §1 encoder/decoder
-def encode(x: jax.Array, vocab_size: int) -> jax.Array:
-  """f = 2·(x + ½)/V − 1: integers to bin centres in (−1, 1) (§1)."""
-  return 2.0 * (jnp.round(x).astype(jnp.float32) + 0.5) / vocab_size - 1.0
-
-
-def decoder_logits(u: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
-  """ℓ_v = −½·exp(−γ_0)·(u − e_v)², e_v the bin centres; u = z_0/α_0 (§3). [..., V]."""
-  e = encode(jnp.arange(vocab_size), vocab_size)
-  return -0.5 * jnp.exp(-gamma_0) * jnp.square(u[..., None] - e)
-
-
-def nearest_centre(u: jax.Array, vocab_size: int) -> jax.Array:
-  """The bin centre e_v closest to u (clipped to the grid): where ℓ_v peaks (§3)."""
-  v = jnp.clip(jnp.round(((u + 1.0) * vocab_size - 1.0) / 2.0), 0, vocab_size - 1)
-  return encode(v, vocab_size)
-
-
-def _logit_gap(u, c, e, gamma_0):
-  """ℓ_e − ℓ_c = −½·exp(−γ_0)·r with r = (u − e)² − (u − c)² = (c − e)(2u − e − c),
-  written as a product so that no large squares cancel (c: the nearest centre)."""
-  r = (c - e) * (2.0 * u - e - c)
-  # Scaled last: in this order XLA keeps the [..., V] gaps inside the reduction's loop
-  # (tests/test_vdm.py checks the gradient's memory).
-  return -0.5 * jnp.exp(-gamma_0) * r
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def decoder_log_normaliser(u: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
-  """log Σ_v exp(ℓ_v − ℓ_c), the softmax normaliser relative to the largest logit ℓ_c.
-
-  One reduction over v whose [..., V] terms XLA fuses into the loop; the derivative
-  (below) adds two more sums to the same loop, so that neither the forward nor the
-  backward pass writes a [..., V] array (autodiff of a log_softmax stores the P·V
-  softmax, and the profile of the MNIST train step showed the V = 256 decoder taking
-  ~8% of the step).
-  """
-  c = nearest_centre(u, vocab_size)[..., None]
-  e = encode(jnp.arange(vocab_size), vocab_size)
-  return jnp.log(jnp.sum(jnp.exp(_logit_gap(u[..., None], c, e, gamma_0)), axis=-1))
-
-
-@decoder_log_normaliser.defjvp
-def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
-  # With p_v the softmax weights: ∂/∂u = exp(−γ_0)·Σ_v p_v (e_v − c) and
-  # ∂/∂γ_0 = ½·exp(−γ_0)·Σ_v p_v r_v = −Σ_v p_v (ℓ_v − ℓ_c) (the terms in c cancel
-  # against ℓ_c).
-  # The three sums are one variadic reduction, so that XLA fuses them into one loop
-  # instead of writing exp(ℓ_v − ℓ_c) out for three consumers.
-  u, gamma_0 = primals
-  du, dgamma_0 = tangents
-  c = nearest_centre(u, vocab_size)[..., None]
-  e = encode(jnp.arange(vocab_size), vocab_size)
-  gaps = _logit_gap(u[..., None], c, e, gamma_0)
-  w = jnp.exp(gaps)
-  zero = jnp.zeros((), w.dtype)
-  z, w_e, w_gaps = jax.lax.reduce(
-      (w, w * (e - c), w * gaps), (zero, zero, zero),
-      lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (w.ndim - 1,))
-  return jnp.log(z), (jnp.exp(-gamma_0) * w_e / z) * du - (w_gaps / z) * dgamma_0
-
-
-def decoder_log_prob(x: jax.Array, u: jax.Array, gamma_0: jax.Array,
-                     vocab_size: int) -> jax.Array:
-  """log p(x_i | z_0) = ℓ_x − log Σ_v exp ℓ_v per sub-pixel, factorised over the D
-  sub-pixels (§3); computed relative to the largest logit ℓ_c, without gathering."""
-  c = jax.lax.stop_gradient(nearest_centre(u, vocab_size))
-  gap_x = _logit_gap(u, c, encode(x, vocab_size), gamma_0)  # ℓ_x − ℓ_c
-  return gap_x - decoder_log_normaliser(u, gamma_0, vocab_size)
+# The decoder lives in decoder.py; its functions are part of this module's interface.
+encode = decoder.encode
+decoder_logits = decoder.decoder_logits
+nearest_centre = decoder.nearest_centre
+decoder_log_normaliser = decoder.decoder_log_normaliser
+decoder_log_prob = decoder.decoder_log_prob
 
 
 # ------------------------------------------------------------------ §3 the bound terms
@@ -167,9 +106,7 @@ def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
   return nats / (num_dims * math.log(2.0))
 
 
-def discretise_times(t: jax.Array, timesteps: int) -> jax.Array:
-  """t ← ceil(t·T)/T, in {1/T, …, 1} (t = 0 maps to 1/T so that s = t − 1/T ≥ 0) (§3)."""
-  return jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
+discretise_times = time_sampling.discretise_times
 
 
 # ------------------------------------------------------------------ §11 v-prediction
@@ -207,6 +144,21 @@ def weighting(name: str, log_snr: jax.Array, sigmoid_bias: float = 2.0,
   raise ValueError(f'model.weighting must be one of {WEIGHTINGS}, got {name!r}.')
 
 
+def _output(num_dims: int, loss_recon, loss_klz, loss_diff, loss_diff_weighted, t, gamma_t,
+            diff_integrand, gamma_0, gamma_1, loss_latent=None, objective=None) -> 'VDMOutput':
+  """The VDMOutput of the terms: bpd = (L_recon + L_prior + L_latent + L_diff)/(D ln 2)."""
+  if loss_latent is None:
+    loss_latent = jnp.zeros_like(loss_recon)
+  if objective is None:
+    objective = loss_recon + loss_klz + loss_latent + loss_diff_weighted
+  return VDMOutput(
+      loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff,
+      bpd=bits_per_dim(loss_recon + loss_klz + loss_latent + loss_diff, num_dims),
+      objective=objective, loss_diff_weighted=loss_diff_weighted, t=t, gamma_t=gamma_t,
+      diff_integrand=diff_integrand, gamma_0=gamma_0, gamma_1=gamma_1,
+      loss_latent=loss_latent)
+
+
 # ------------------------------------------------------------------ the model
 @flax.struct.dataclass
 class VDMOutput:
@@ -222,6 +174,7 @@ class VDMOutput:
   diff_integrand: jax.Array  # w(λ_t)·½‖ε − ε̂‖²: the weighted term per unit γ at γ_t (§11)
   gamma_0: jax.Array  # γ(0), scalar
   gamma_1: jax.Array  # γ(1), scalar
+  loss_latent: jax.Array  # KL(q(c|x) ‖ p(c)) of the mulan schedule's latent (§13.3); 0 otherwise
 
 
 class VDM(nn.Module):
@@ -238,8 +191,42 @@ class VDM(nn.Module):
     return cls(ml_collections.FrozenConfigDict(model_config))
 
   def setup(self):
-    self.gamma = schedules.make_schedule(self.config, name=None)
-    self.score_model = networks.make_score_model(self.config, name=None)
+    cfg = self.config
+    if self.multivariate:
+      self.gamma = multivariate.PolynomialSchedule(cfg.gamma_min, cfg.gamma_max,
+                                                   cfg.mulan_hidden)
+      if cfg.mulan_latent_draws:
+        self.latent_encoder = multivariate.LatentEncoder(
+            cfg.mulan_latent_draws, cfg.mulan_latent_classes, max(cfg.mulan_hidden // 4, 1))
+    else:
+      self.gamma = schedules.make_schedule(cfg, name=None)
+    self.score_model = networks.make_score_model(cfg, name=None)
+
+  def weight(self, log_snr):
+    """w(λ) of the configured weighting (§5)."""
+    cfg = self.config
+    return weighting(cfg.weighting, log_snr, cfg.sigmoid_bias, cfg.sigmoid_scale)
+
+  @property
+  def multivariate(self) -> bool:
+    """A schedule per sub-pixel, conditioned on a latent of the image (§13)."""
+    return self.config.schedule == multivariate.NAME
+
+  def latent(self, f):
+    """(c as a [B, K] vector, KL(q(c|x) ‖ p(c)) [B]) drawn from q(c|x) (§13.2), or
+    (None, 0) without a latent."""
+    if not (self.multivariate and self.config.mulan_latent_draws):
+      return None, jnp.zeros(f.shape[:1], jnp.float32)
+    logits = self.latent_encoder(f)
+    return (multivariate.draw_latent(self.make_rng('sample'), logits),
+            multivariate.latent_kl(logits))
+
+  def gammas(self, t, latent=None, shape=None):
+    """γ at times t: [B] (or scalar) for a scalar schedule; per sub-pixel, with `latent`
+    and the image `shape` (H, W, C), for the mulan schedule (§13.1)."""
+    if self.multivariate:
+      return self.gamma(latent, t, shape)[0]
+    return self.gamma(t)
 
   @property
   def _variance_reduction(self) -> bool:
@@ -247,15 +234,20 @@ class VDM(nn.Module):
 
   def endpoints(self):
     """(γ_0, γ_1) = (γ(0), γ(1)); for a pinned schedule exactly its parameters."""
-    if self.config.schedule == 'learned_nnet' and self.config.schedule_endpoints == 'pinned':
+    if self.multivariate or (self.config.schedule == 'learned_nnet'
+                             and self.config.schedule_endpoints == 'pinned'):
       return self.gamma.endpoints_value()
     return self.gamma(0.0), self.gamma(1.0)
 
-  def score(self, z_t, gamma_t, conditioning, deterministic: bool = True):
-    """ε̂_θ(z_t, γ_t) (§6), also when the network predicts v (11.1); gamma_t is [B]."""
-    out = self.score_model(z_t, gamma_t, conditioning, deterministic)
+  def score(self, z_t, gamma_t, conditioning, deterministic: bool = True, latent=None):
+    """ε̂_θ(z_t, γ_t) (§6), also when the network predicts v (11.1); gamma_t is [B], or
+    per sub-pixel [B, H, W, C] (§13: the network sees its mean, and the latent)."""
+    per_pixel = jnp.ndim(gamma_t) == z_t.ndim
+    gamma_net = jnp.mean(gamma_t, axis=tuple(range(1, z_t.ndim))) if per_pixel else gamma_t
+    out = self.score_model(z_t, gamma_net, conditioning, deterministic, latent)
     if self.config.prediction == 'v':
-      return eps_from_v(out, z_t, jnp.reshape(gamma_t, (-1,) + (1,) * (z_t.ndim - 1)))
+      return eps_from_v(out, z_t, gamma_t if per_pixel else
+                        jnp.reshape(gamma_t, (-1,) + (1,) * (z_t.ndim - 1)))
     return out
 
   def _gamma_terms(self, t, timesteps: int, gamma_0, gamma_1):
@@ -308,6 +300,11 @@ class VDM(nn.Module):
     #    §11); z_t = α_t f + σ_t ε, ε̂ = ε̂_θ(z_t, γ_t).
     u = time_sampling.stratified_uniforms(self.make_rng('sample'), batch,
                                           stratified=sampling != 'uniform')
+    if self.multivariate:  # per sub-pixel, with the latent's KL (§13.3)
+      terms = multivariate.diffusion_terms(self, f, u, conditioning, deterministic, T,
+                                           sampling, bin_probs)
+      return _output(f[0].size, loss_recon, loss_klz, gamma_0=gamma_0, gamma_1=gamma_1,
+                     **terms)
     carrier = None
     if sampling in time_sampling.IN_GAMMA:
       proposal = time_sampling.Proposal(gamma_0, gamma_1, bin_probs)
@@ -341,22 +338,21 @@ class VDM(nn.Module):
     if carrier is not None:
       objective = (objective + carrier[:, 0] * jax.lax.stop_gradient(loss_diff_weighted)
                    + carrier[:, 1])
-    num_dims = math.prod(x.shape[1:])
-    return VDMOutput(
-        loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff,
-        bpd=bits_per_dim(loss_recon + loss_klz + loss_diff, num_dims),
-        objective=objective, loss_diff_weighted=loss_diff_weighted, t=t, gamma_t=gamma_t,
-        diff_integrand=0.5 * w * sum_except_batch(jnp.square(eps - eps_hat)),
-        gamma_0=gamma_0, gamma_1=gamma_1)
+    return _output(f[0].size, loss_recon, loss_klz, loss_diff, loss_diff_weighted, t, gamma_t,
+                   0.5 * w * sum_except_batch(jnp.square(eps - eps_hat)), gamma_0, gamma_1,
+                   objective=objective)
 
   # ---------------------------------------------------------------- §7 sampling
-  def sample_step(self, i, timesteps: int, z_t, conditioning, rng):
-    """One ancestral step z_t → z_s, t = (T − i)/T, s = (T − i − 1)/T (§7)."""
+  def sample_step(self, i, timesteps: int, z_t, conditioning, rng, latent=None):
+    """One ancestral step z_t → z_s, t = (T − i)/T, s = (T − i − 1)/T (§7); per
+    sub-pixel for the mulan schedule, whose latent is given (§13.4)."""
     t = (timesteps - i) / timesteps
     s = (timesteps - i - 1) / timesteps
-    gamma_t, gamma_s = self.gamma(t), self.gamma(s)
+    gamma_t = self.gammas(t, latent, z_t.shape[1:])
+    gamma_s = self.gammas(s, latent, z_t.shape[1:])
     c = -jnp.expm1(gamma_s - gamma_t)
-    eps_hat = self.score(z_t, jnp.full((z_t.shape[0],), gamma_t), conditioning, True)
+    eps_hat = self.score(z_t, jnp.broadcast_to(gamma_t, z_t.shape) if self.multivariate
+                         else jnp.full((z_t.shape[0],), gamma_t), conditioning, True, latent)
     sigma_t = jnp.sqrt(nn.sigmoid(gamma_t))
     mean = jnp.sqrt(nn.sigmoid(-gamma_s) / nn.sigmoid(-gamma_t)) * (z_t - sigma_t * c * eps_hat)
     eps_i = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape)
@@ -379,11 +375,17 @@ class VDM(nn.Module):
     rng_init, rng_loop, rng_decode = jax.random.split(rng, 3)
     if conditioning is None:
       conditioning = jnp.zeros((shape[0],), jnp.float32)
+    latent = None
+    if self.multivariate and self.config.mulan_latent_draws:  # c ~ p(c) (§13.4)
+      rng_init, rng_latent = jax.random.split(rng_init)
+      latent = multivariate.draw_prior_latent(rng_latent, shape[0],
+                                              self.config.mulan_latent_draws,
+                                              self.config.mulan_latent_classes)
     z_1 = jax.random.normal(rng_init, shape)
 
     def body(mdl, carry):
       i, z = carry
-      return i + 1, mdl.sample_step(i, timesteps, z, conditioning, rng_loop)
+      return i + 1, mdl.sample_step(i, timesteps, z, conditioning, rng_loop, latent)
 
     _, z_0 = nn.while_loop(lambda mdl, c: c[0] < timesteps, body, self,
                            (jnp.zeros((), jnp.int32), z_1))

@@ -52,9 +52,20 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
       learning_rate=learning_rate_schedule(opt_config, num_steps), b1=opt_config.b1,
       b2=opt_config.b2, eps=opt_config.eps, weight_decay=opt_config.weight_decay,
       mask=functools.partial(weight_decay_mask, kind=opt_config.weight_decay_mask))
+  if opt_config.schedule_lr_scale != 1.0:  # the schedule's steps, scaled after Adam
+    adamw = optax.chain(adamw, optax.masked(optax.scale(opt_config.schedule_lr_scale),
+                                            schedule_mask))
   if opt_config.grad_clip is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)
+
+
+def schedule_mask(params):
+  """True for the noise schedule's parameters (module `gamma`) and, for the mulan
+  schedule, its latent's encoder (`latent_encoder`, docs/maths.md §13.2)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {path: path[0] in ('gamma', 'latent_encoder') for path in flat})
 
 
 def ema_rate(opt_config, step: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ from vdm_jax.data import input_pipeline
 from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
 from vdm_jax.evaluation import sampling
+from vdm_jax.model import multivariate
 from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
@@ -66,8 +67,11 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
                                 optim.ema_rate(config.optimizer, state.step))
   sampler = state.time_sampler
   if adaptive:
-    bins = time_sampling.Proposal(out.gamma_0, out.gamma_1).bin_index(
-        out.gamma_t, mc.adaptive_bins)
+    if mc.schedule == multivariate.NAME:  # the mulan proposal is over t (§13.5)
+      bins = time_sampling.Proposal(0.0, 1.0).bin_index(out.t, mc.adaptive_bins)
+    else:
+      bins = time_sampling.Proposal(out.gamma_0, out.gamma_1).bin_index(
+          out.gamma_t, mc.adaptive_bins)
     sampler = time_sampling.update_adaptive(
         sampler, bins, jax.lax.stop_gradient(out.diff_integrand), mc.adaptive_decay)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -89,6 +93,8 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
       finite_prior=jnp.all(jnp.isfinite(out.loss_klz)),
       finite_diff=jnp.all(jnp.isfinite(out.loss_diff)),
       finite_grad=jnp.isfinite(grad_norm))
+  if mc.schedule == multivariate.NAME:
+    metrics['bpd_latent'] = jnp.mean(to_bpd(out.loss_latent))
   if config.model.weighting != 'elbo':
     metrics['objective_bpd'] = jnp.mean(to_bpd(out.objective))
   return new_state, metrics
