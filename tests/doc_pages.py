@@ -8,6 +8,7 @@ read from its source and made again in a fresh parser.
 
 import argparse
 import ast
+import functools
 import pathlib
 import re
 import shlex
@@ -27,7 +28,8 @@ _PYTHON = re.compile(r'(.*/)?python(3(\.\d+)?)?$')
 
 
 def name(path: pathlib.Path) -> str:
-  return str(path.relative_to(REPO))
+  """The path from the repository's root (as it is, outside the repository)."""
+  return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def blocks(text: str):
@@ -119,6 +121,7 @@ def commands(code: str):
         break
 
 
+@functools.lru_cache(maxsize=None)
 def _constants(script: pathlib.Path) -> dict:
   """The script's module-level constants (`MODES = ('train', 'eval')`)."""
   found = {}
@@ -132,41 +135,49 @@ def _constants(script: pathlib.Path) -> dict:
   return found
 
 
-def _calls(script: pathlib.Path, test) -> list[ast.Call]:
-  return [node for node in ast.walk(ast.parse(script.read_text()))
-          if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-          and test(node.func)]
+@functools.lru_cache(maxsize=None)
+def _definitions(script: pathlib.Path, kind: str) -> tuple:
+  """The script's flag definitions, compiled to be evaluated against a fresh parser:
+  absl's `flags.DEFINE_*(…)` with `flag_values=` (and the config file's `sys_argv=`)
+  added, or argparse's `add_argument(…)` called on `parser`."""
+  compiled = []
+  for node in ast.walk(ast.parse(script.read_text())):
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+      continue
+    extra = []
+    if kind == 'absl' and node.func.attr.startswith('DEFINE') and isinstance(
+        node.func.value, ast.Name) and node.func.value.id in ('flags', 'config_flags'):
+      extra = ['flag_values'] + (['sys_argv'] if node.func.attr == 'DEFINE_config_file' else [])
+    elif kind == 'argparse' and node.func.attr == 'add_argument':
+      node.func = ast.Attribute(value=ast.Name(id='parser', ctx=ast.Load()),
+                                attr='add_argument', ctx=ast.Load())
+    else:
+      continue
+    node.keywords += [ast.keyword(arg=k, value=ast.Name(id=k, ctx=ast.Load())) for k in extra]
+    expression = ast.fix_missing_locations(ast.Expression(node))
+    compiled.append(compile(expression, str(script), 'eval'))
+  return tuple(compiled)
 
 
-def _evaluate(call: ast.Call, script: pathlib.Path, names: dict, **extra) -> None:
-  call.keywords += [ast.keyword(arg=k, value=ast.Name(id=k, ctx=ast.Load())) for k in extra]
-  expression = ast.fix_missing_locations(ast.Expression(call))
-  eval(compile(expression, str(script), 'eval'), {**_constants(script), **names, **extra})  # pylint: disable=eval-used
+def _define(script: pathlib.Path, kind: str, **names) -> None:
+  for code in _definitions(script, kind):
+    eval(code, {**_constants(script), 'flags': flags, 'config_flags': config_flags,  # pylint: disable=eval-used
+                'argparse': argparse, **names})
 
 
 def absl_flags(script: pathlib.Path, argv: list[str]) -> flags.FlagValues:
   """A FlagValues holding the flags `script` defines with absl (and config files')."""
   values = flags.FlagValues()
-  for call in _calls(script, lambda f: f.attr.startswith('DEFINE') and
-                     isinstance(f.value, ast.Name) and f.value.id in ('flags', 'config_flags')):
-    extra = {'flag_values': values}
-    if call.func.attr == 'DEFINE_config_file':
-      extra['sys_argv'] = argv
-    _evaluate(call, script, {'flags': flags, 'config_flags': config_flags}, **extra)
+  _define(script, 'absl', flag_values=values, sys_argv=argv)
   return values
 
 
 def argparse_parser(script: pathlib.Path) -> argparse.ArgumentParser | None:
   """The ArgumentParser `script` builds, or None where it uses none."""
-  calls = _calls(script, lambda f: f.attr == 'add_argument')
-  if not calls:
+  if not _definitions(script, 'argparse'):
     return None
   parser = argparse.ArgumentParser(prog=name(script), exit_on_error=False)
-  for call in calls:
-    call.func = ast.Attribute(value=ast.Name(id='parser', ctx=ast.Load()),
-                              attr='add_argument', ctx=ast.Load())
-    _evaluate(call, script, {'parser': parser, 'argparse': argparse, 'int': int,
-                             'float': float, 'str': str})
+  _define(script, 'argparse', parser=parser)
   return parser
 
 

@@ -57,6 +57,14 @@ def test_the_pages_are_there_and_the_readme_is_short():
   assert len((REPO / 'README.md').read_text().splitlines()) <= 250
 
 
+def test_the_layout_page_names_every_module_and_script():
+  layout = (REPO / 'docs' / 'layout.md').read_text()
+  files = [p for p in (REPO / 'vdm_jax').rglob('*.py') if p.name != '__init__.py']
+  files += list((REPO / 'experiments').glob('*.py'))
+  missing = [name(p) for p in files if not re.search(rf'\b{re.escape(p.name)}\b', layout)]
+  assert not missing, f'add to docs/layout.md: {missing}'
+
+
 def test_every_code_block_names_its_language():
   """So that no command hides from the checks below in an unlabelled block."""
   unlabelled = [f'{name(page)}:{line}' for page in PAGES
@@ -64,81 +72,66 @@ def test_every_code_block_names_its_language():
   assert not unlabelled, unlabelled
 
 
-def test_every_cited_section_exists():
-  sections = _sections()
-  assert {'1', '3d', '3.6', '9', '10'} <= sections
-  missing = []
-  files = [p for d in ('vdm_jax', 'configs', 'experiments', 'tests')
-           for p in (REPO / d).rglob('*.py')] + PAGES
-  for path in files:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-      for cited in _CITE.findall(line):
-        if cited not in sections:
-          missing.append(f'{name(path)}:{number}: §{cited}')
-  assert not missing, missing
+def _section_problems(path, sections: set[str]) -> list[str]:
+  return [f'{name(path)}:{number}: §{cited}'
+          for number, line in enumerate(path.read_text().splitlines(), 1)
+          for cited in _CITE.findall(line) if cited not in sections]
 
 
-def test_the_anchor_of_a_heading_is_githubs():
-  assert doc_pages.slug('§3d The diffusion term in discrete time (T > 0)') == (
-      '3d-the-diffusion-term-in-discrete-time-t--0')
-  assert doc_pages.slug('Files of a few images, `configs/digits.py`') == (
-      'files-of-a-few-images-configsdigitspy')
+def _config_file_problems(path) -> list[str]:
+  return [f'{name(path)}:{number}: configs/{config}.py'
+          for number, line in enumerate(path.read_text().splitlines(), 1)
+          for config in re.findall(r'\bconfigs/([a-z0-9_]+)\.py', line)
+          if not (REPO / 'configs' / f'{config}.py').is_file()]
 
 
-def test_every_relative_link_and_anchor_resolves():
+def _link_problems(page) -> list[str]:
   broken = []
-  for page in PAGES:
-    for line, target in doc_pages.links(page):
-      if re.match(r'^[a-z]+:', target):
-        continue  # https:, mailto:
-      path, _, anchor = target.partition('#')
-      resolved = (page.parent / path).resolve() if path else page
-      if not resolved.exists():
-        broken.append(f'{name(page)}:{line}: {target} (no such file)')
-      elif anchor and resolved.suffix == '.md' and anchor not in doc_pages.anchors(resolved):
-        broken.append(f'{name(page)}:{line}: {target} (no such heading)')
-  assert not broken, broken
+  for line, target in doc_pages.links(page):
+    if re.match(r'^[a-z]+:', target):
+      continue  # https:, mailto:
+    path, _, anchor = target.partition('#')
+    resolved = (page.parent / path).resolve() if path else page
+    if not resolved.exists():
+      broken.append(f'{name(page)}:{line}: {target} (no such file)')
+    elif anchor and resolved.suffix == '.md' and anchor not in doc_pages.anchors(resolved):
+      broken.append(f'{name(page)}:{line}: {target} (no such heading)')
+  return broken
 
 
-def test_a_broken_link_is_found(tmp_path):
-  page = tmp_path / 'page.md'
-  page.write_text('# A title\n\n[ok](#a-title), [not](#another) and `[code](x.md)`\n')
-  assert list(doc_pages.links(page)) == [(3, '#a-title'), (3, '#another')]
-  assert doc_pages.anchors(page) == {'a-title'}
-
-
-def test_every_config_file_named_exists():
+def _inline_problems(page, configs, known: set[str]) -> list[str]:
+  """`model.timesteps`, `--config.eval.estimator=ode`, `--overwrite` and whole
+  commands in the prose's code spans."""
   missing = []
-  files = PAGES + [p for d in ('vdm_jax', 'configs', 'experiments')
-                   for p in (REPO / d).rglob('*.py')]
-  for path in files:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-      for config in re.findall(r'\bconfigs/([a-z0-9_]+)\.py', line):
-        if not (REPO / 'configs' / f'{config}.py').is_file():
-          missing.append(f'{name(path)}:{number}: configs/{config}.py')
-  assert not missing, missing
-
-
-def test_every_inline_config_field_and_flag_exists(monkeypatch):
-  """`model.timesteps`, `--config.eval.estimator=ode` and `--overwrite` in the prose."""
-  monkeypatch.chdir(REPO)
-  configs = _configs()
-  known = set().union(*(doc_pages.flag_names(p) for p in _PROGRAMS))
-  missing = []
-  for page in PAGES:
-    text = doc_pages.prose(page.read_text())
-    for m in _INLINE.finditer(text):
-      line = text.count('\n', 0, m.start()) + 1
-      span = ' '.join(m.group(1).split())
-      field, flag = _FIELD.match(span), _FLAG.match(span)
-      if field and not _has_field(configs, field.group(1)):
+  text = doc_pages.prose(page.read_text())
+  for m in _INLINE.finditer(text):
+    line = text.count('\n', 0, m.start()) + 1
+    span = ' '.join(m.group(1).split())
+    for word in span.split():
+      if (field := _FIELD.match(word)) and not _has_field(configs, field.group(1)):
         missing.append(f'{name(page)}:{line}: config field {field.group(1)}')
-      elif flag and not field and flag.group(1) not in known and not span.startswith('--xla'):
-        missing.append(f'{name(page)}:{line}: flag {span}')
-      for program, args in doc_pages.commands(span):
-        if (why := _parse(program, args)) is not None:
-          missing.append(f'{name(page)}:{line}: {span}: {why}')
-  assert not missing, missing
+    flag = _FLAG.match(span)  # a flag alone; in a longer span it may be another program's
+    if flag and flag.group(1) not in known and not span.startswith('--xla'):
+      missing.append(f'{name(page)}:{line}: flag {span}')
+    for program, args in doc_pages.commands(span):
+      if (why := _parse(program, args)) is not None:
+        missing.append(f'{name(page)}:{line}: {span}: {why}')
+  return missing
+
+
+def _command_problems(page) -> tuple[int, list[str]]:
+  """(how many commands the page's shell blocks hold, those refused)."""
+  refused, seen = [], 0
+  for language, code, line in doc_pages.blocks(page.read_text()):
+    if language not in doc_pages.SHELL_BLOCKS:
+      continue
+    for program, args in doc_pages.commands(code):
+      seen += 1
+      if not program.is_file():
+        refused.append(f'{name(page)}:{line}: no program {name(program)}')
+      elif (why := _parse(program, args)) is not None:
+        refused.append(f'{name(page)}:{line}: {name(program)} {" ".join(args)}: {why}')
+  return seen, refused
 
 
 def _parse(program, args):
@@ -171,21 +164,80 @@ def _parse(program, args):
   return None
 
 
-def test_every_command_in_a_shell_block_parses(monkeypatch):
+def test_every_cited_section_exists():
+  sections = _sections()
+  assert {'1', '3d', '3.6', '9', '10'} <= sections
+  files = [p for d in ('vdm_jax', 'configs', 'experiments', 'tests')
+           for p in (REPO / d).rglob('*.py')] + PAGES
+  missing = [problem for path in files for problem in _section_problems(path, sections)]
+  assert not missing, missing
+
+
+def test_the_anchor_of_a_heading_is_githubs():
+  assert doc_pages.slug('§3d The diffusion term in discrete time (T > 0)') == (
+      '3d-the-diffusion-term-in-discrete-time-t--0')
+  assert doc_pages.slug('Files of a few images, `configs/digits.py`') == (
+      'files-of-a-few-images-configsdigitspy')
+
+
+def test_every_relative_link_and_anchor_resolves():
+  broken = [problem for page in PAGES for problem in _link_problems(page)]
+  assert not broken, broken
+
+
+def test_every_config_file_named_exists():
+  files = PAGES + [p for d in ('vdm_jax', 'configs', 'experiments')
+                   for p in (REPO / d).rglob('*.py')]
+  missing = [problem for path in files for problem in _config_file_problems(path)]
+  assert not missing, missing
+
+
+def test_every_inline_config_field_flag_and_command_exists(monkeypatch):
   monkeypatch.chdir(REPO)  # commands name configs/… from the repository root
-  refused, seen = [], 0
-  for page in PAGES:
-    for language, code, line in doc_pages.blocks(page.read_text()):
-      if language not in doc_pages.SHELL_BLOCKS:
-        continue
-      for program, args in doc_pages.commands(code):
-        seen += 1
-        if not program.is_file():
-          refused.append(f'{name(page)}:{line}: no program {name(program)}')
-        elif (why := _parse(program, args)) is not None:
-          refused.append(f'{name(page)}:{line}: {name(program)} {" ".join(args)}: {why}')
-  assert seen > 30
+  configs = _configs()
+  known = set().union(*(doc_pages.flag_names(p) for p in _PROGRAMS))
+  missing = [problem for page in PAGES for problem in _inline_problems(page, configs, known)]
+  assert not missing, missing
+
+
+def test_every_command_in_a_shell_block_parses(monkeypatch):
+  monkeypatch.chdir(REPO)
+  results = [_command_problems(page) for page in PAGES]
+  assert sum(seen for seen, _ in results) > 30
+  refused = [problem for _, problems in results for problem in problems]
   assert not refused, '\n'.join(refused)
+
+
+_BAD_PAGE = """# A title
+
+[ok](#a-title), [no heading](#another), [no file](missing.md) and `[code](x.md)`;
+docs/maths.md §3d and SECTION99 (the paper's §5.1 is the paper's); `configs/nowhere.py`;
+`model.timesteps`, `model.no_field`, `--overwrite`, `--no_flag`, `tfds build --any`;
+`python -m vdm_jax.main --config=configs/test.py --workdir=w --mode=nope`.
+
+```bash
+python -m vdm_jax.main --config=configs/test.py --workdir=w --config.model.nope=1
+python experiments/nowhere.py --flag
+```
+""".replace('SECTION', '\N{SECTION SIGN}')
+
+
+def test_a_page_that_names_what_is_not_there_fails_each_check(tmp_path, monkeypatch):
+  page = tmp_path / 'bad_page.md'
+  page.write_text(_BAD_PAGE)
+  monkeypatch.chdir(REPO)
+  assert [p.split(': ', 1)[1] for p in _link_problems(page)] == [
+      '#another (no such heading)', 'missing.md (no such file)']
+  assert [p.split(': ', 1)[1] for p in _section_problems(page, _sections())] == [
+      '\N{SECTION SIGN}99']
+  assert [p.split(': ', 1)[1] for p in _config_file_problems(page)] == ['configs/nowhere.py']
+  known = doc_pages.flag_names(REPO / 'vdm_jax' / 'main.py')
+  inline = [p.split(': ', 1)[1] for p in _inline_problems(page, _configs(), known)]
+  assert inline[:2] == ['config field model.no_field', 'flag --no_flag'], inline
+  assert len(inline) == 3 and 'nope' in inline[2], inline
+  seen, refused = _command_problems(page)
+  assert seen == 2 and 'nope' in refused[0], refused
+  assert 'no program experiments/nowhere.py' in refused[1], refused
 
 
 @pytest.mark.parametrize('command, refused', [
