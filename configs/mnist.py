@@ -6,7 +6,7 @@ bpd and writes a grid of samples.
 
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist
 
-Chosen for that budget (measured on the 2-core VM, README "Results measured here"):
+Chosen for that budget (measured on the 2-core VM, docs/training.md "Measured"):
 what buys samples that read as digits in nine CPU minutes is optimiser steps, so the
 network is small and the batch is 8.
 - The network is a small U-Net (model.channel_mult = (1, 2, 2): 16 channels at 28x28,
@@ -14,8 +14,8 @@ network is small and the batch is 8.
   single-resolution network (docs/maths.md §6.6). A step costs ~50 ms: 11,000 steps
   fit where 1,700 of an n_embd 32, two-block network at batch 16 do, for a better
   bound and clearly more digit-like samples. Wider (n_embd 32) or deeper (n_layer 2)
-  networks, larger batches and (1, 2, 4) all did worse for the same time (README,
-  "Design findings").
+  networks, larger batches and (1, 2, 4) all did worse for the same time
+  (docs/findings.md, "Design findings on an earlier split").
 - GroupNorm with 16 groups: n_embd must divide by the number of groups.
 - The bound alone (weighting='elbo') gives the better bpd but, this early in
   training, samples that are scattered stroke fragments; 'elbo_plus_sigmoid' adds 20x
@@ -26,7 +26,7 @@ network is small and the batch is 8.
   (§11.5). Against the 2021 recipe (ε, antithetic time), on the same seed and data
   order, the 11,000-step test bound is 0.047 ± 0.003 bpd lower (paired), the variance
   of the trained objective's estimate ~9x lower, and the samples score better on every
-  number (README, "Noise levels and prediction target").
+  number (docs/findings.md, "Noise levels and prediction target").
 - Dropout only slows a run this short; the learning rate is 10x the paper's.
 - Two steps per dispatch: XLA:CPU compiles the unrolled steps of a call, and ten
   U-Net steps took 3.5 minutes to compile against ~30 s for two, at the same speed.
@@ -51,7 +51,7 @@ def get_config():
   config.optimizer.ema_rate = 0.999
   config.optimizer.weight_decay_mask = 'kernels'  # the mask its measured figures used
   config.training.batch_size = 8
-  config.training.num_steps = 11_000  # 9–20 min at 10–20 steps/s on 2 CPU cores (README, Results)
+  config.training.num_steps = 11_000  # 9–20 min at 10–20 steps/s on 2 CPU cores (docs/training.md)
   config.training.steps_per_call = 2
   config.training.log_every = 200
   config.training.checkpoint_every = 2000

@@ -10,6 +10,45 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
+from vdm_jax import errors
+
+
+# The repository's configs/ folder, beside the package: a clone installed with
+# `pip install -e .` (what `make setup` does) finds its configs by name from any folder.
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def _get_config_of(path: pathlib.Path) -> ml_collections.ConfigDict:
+  """get_config() of the config file at `path` (imported afresh, under its own name)."""
+  spec = importlib.util.spec_from_file_location(f'vdm_jax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+  """The config `name_or_path`: a name of the repository's configs/ ('mnist' for
+  configs/mnist.py) or the path of any config file (a .py file with get_config()).
+
+  Works from any folder, as `--config=` does for the command line:
+
+    config = config_base.load_config('mnist')
+  """
+  path = pathlib.Path(name_or_path).expanduser()
+  is_name = path.suffix != '.py' and len(path.parts) == 1
+  if is_name:
+    path = CONFIGS / f'{name_or_path}.py'
+  elif not path.is_file() and len(path.parts) == 1:  # 'mnist.py', not in this folder
+    path = CONFIGS / path.name
+  if path.is_file():
+    return _get_config_of(path.resolve())
+  names = sorted(p.stem for p in CONFIGS.glob('*.py')) if CONFIGS.is_dir() else []
+  known = (f'the names in {CONFIGS} are {", ".join(names)}' if names else
+           f'{CONFIGS} does not exist: by name, configs are found in a clone of the '
+           'repository installed with `pip install -e .`; otherwise pass the path of a '
+           'config file')
+  raise errors.InputError(f'No config {name_or_path!r} (looked for {path}): {known}.')
+
 
 def config_beside(config_file: str, name: str) -> ml_collections.ConfigDict:
   """get_config() of the config file NAME.py in the folder of `config_file`.
@@ -17,11 +56,7 @@ def config_beside(config_file: str, name: str) -> ml_collections.ConfigDict:
   A variant starts from the config it varies (`config_beside(__file__, 'digits')`), so
   that each setting is written once, whichever folder the command is run from.
   """
-  path = pathlib.Path(config_file).resolve().with_name(f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'vdm_jax_config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return _get_config_of(pathlib.Path(config_file).resolve().with_name(f'{name}.py'))
 
 
 def get_config() -> ml_collections.ConfigDict:
