@@ -438,3 +438,19 @@ def test_every_altered_byte_of_a_version_1_file_is_refused():
       compressor.read_header(bytes(altered))
   with pytest.raises(file_format.CorruptFileError):
     compressor.read_header(data[:-4])
+
+
+def test_version_2_files_still_decode():
+  """tests/data/codec_v2.vdmc: random_images(3) written by the version-2 encoder with
+  tiny_model(), T = 3, batch 2, first_images 2, step 1234, one image raw beneath two
+  bits-back coded; codec_v2_conventional.vdmc: the images arange(48)·[3, 4, 4, 1] // 5
+  as one WebP lossless code."""
+  model, params = tiny_model()
+  data = (FIXTURES / 'codec_v2.vdmc').read_bytes()
+  header = compressor.read_header(data)
+  assert (data[4], header.conventional_images, header.step) == (2, 1, 1234)
+  np.testing.assert_array_equal(compressor.decompress(model, params, data), random_images(3))
+  data = (FIXTURES / 'codec_v2_conventional.vdmc').read_bytes()
+  assert data[4] == 2 and compressor.read_header(data).conventional == conventional.WEBP
+  np.testing.assert_array_equal(compressor.decompress(None, None, data),
+                                np.arange(48).reshape(3, 4, 4, 1) // 5)
