@@ -48,7 +48,8 @@ def test_mean_stderr():
 def test_table_has_a_model_row_when_eval_results_exist(tmp_path):
   config = _digits_config(num_examples=8)
   without = compression.compare(config, str(tmp_path))
-  assert [r['method'] for r in without['rows']] == ['PNG', 'WebP lossless']
+  assert [r['method'] for r in without['rows']] == [
+      'PNG', 'WebP lossless', 'JPEG XL lossless']
   assert 'No model row' in compression.markdown(without)
 
   results = dict(bpd=2.5, bpd_stderr=0.1, num_examples=8, split='test', step=1000,

@@ -1,8 +1,8 @@
 """The file format of the codec (vdm_jax/codec/compressor.py): header, checks, errors.
 
-Version 2 (written):
+Version 3 (written):
 
-    b'VDMC' | 2 | conventional method u8 | varints N, H, W, C, V, k, conventional bytes
+    b'VDMC' | 3 | conventional method u8 | varints N, H, W, C, V, k, conventional bytes
     | if N > k, the bits-back part: fingerprints of config.model, the parameters, the
       coding table and the environment (4 bytes each); varints checkpoint step + 1,
       T, resolution, first resolution, first images, support, network batch,
@@ -14,8 +14,11 @@ bits-back coded, and the conventional bytes lie at the bottom of their stack (§
 payload is the stack's words (uint32 little-endian) when N > k, else the conventional
 bytes. The checksum covers every byte of the file but its own. Fingerprints are
 truncated SHA-256: enough to refuse another model, table or environment, which would
-otherwise be caught only after decoding by the images' fingerprint. Version 1 (read
-only) had 16-byte digests, the environment as text and no conventional part.
+otherwise be caught only after decoding by the images' fingerprint. Version 2 (read
+only) is the same layout without JPEG XL among the conventional methods, so that a
+reader of version 2 refuses a version-3 file by its version instead of failing on its
+conventional code. Version 1 (read only) had 16-byte digests, the environment as text
+and no conventional part.
 """
 
 import dataclasses
@@ -33,8 +36,8 @@ import numpy as np
 from vdm_jax import errors
 
 MAGIC = b'VDMC'
-VERSION = 2
-VERSIONS = (1, 2)
+VERSION = 3
+VERSIONS = (1, 2, 3)
 FINGERPRINT_BYTES = 4
 CHECKSUM_BYTES = 4
 
@@ -62,7 +65,7 @@ class Header:
   image_shape: tuple  # (H, W, C)
   vocab_size: int  # V
   images_hash: bytes  # fingerprint of the images
-  conventional: int = 0  # conventional.WEBP / PNG / RAW for the first k images; 0: none
+  conventional: int = 0  # conventional.JPEGXL / WEBP / PNG / RAW for the first k; 0: none
   conventional_images: int = 0  # k
   conventional_bytes: int = 0  # length of their code
   version: int = VERSION
@@ -231,9 +234,9 @@ class _Reader:
     return [self.varint() for _ in range(n)]
 
 
-# ------------------------------------------------------------------ version 2
+# ------------------------------------------------------------------ versions 2 and 3
 def pack(header: Header, payload: bytes) -> bytes:
-  """Header and payload as one file (version 2)."""
+  """Header and payload as one file (version 3)."""
   fp = lambda b: b[:FINGERPRINT_BYTES]  # pylint: disable=unnecessary-lambda-assignment
   head = MAGIC + bytes([VERSION, header.conventional]) + _varints(
       header.num_images, *header.image_shape, header.vocab_size,
@@ -254,7 +257,7 @@ def _checksum(head: bytes, payload: bytes) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[Header, bytes]:
-  """(header, payload bytes) of a file of either version, after its integrity checks."""
+  """(header, payload bytes) of a file of any version read, after its integrity checks."""
   if len(data) < 6 or data[:4] != MAGIC:
     raise CorruptFileError(f'Not a vdm_jax codec file (its first bytes are not {MAGIC!r}).')
   if data[4] not in VERSIONS:
@@ -264,8 +267,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     return _unpack_v1(data)
   r = _Reader(data, 6)
   n, h, w, c, v, k, conv_bytes = r.varints(7)
-  fields = dict(num_images=n, image_shape=(h, w, c), vocab_size=v, conventional=data[5],
-                conventional_images=k, conventional_bytes=conv_bytes)
+  fields = dict(version=data[4], num_images=n, image_shape=(h, w, c), vocab_size=v,
+                conventional=data[5], conventional_images=k, conventional_bytes=conv_bytes)
   if n > k:
     fields.update(config_hash=r.take(4), params_hash=r.take(4), table_hash=r.take(4),
                   environment=r.take(4))
