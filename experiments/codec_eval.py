@@ -20,7 +20,8 @@ the T diffusion terms drawn per image (--bound_draws times, averaged). Reports:
   time          encode and decode, network and entropy coding separately
 
 Writes WORKDIR/codec_eval.json, then prints the comparison table of
-experiments/codec_compare.py (PNG, WebP, the bound, and this file's row).
+experiments/codec_compare.py (JPEG XL at effort 9, WebP lossless and PNG, each the
+better of per image and all images as one picture; the bound; this file's row).
 """
 
 import json

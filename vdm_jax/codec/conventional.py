@@ -23,9 +23,9 @@ MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # channels -> PIL mode
 CODECS = {
     'PNG': ('PNG', dict(optimize=True, compress_level=9),
             'Pillow, optimize=True, compress_level=9'),
+    # exact=True keeps the colour under transparent pixels (lossless for every RGBA).
     'WebP lossless': ('WEBP', dict(lossless=True, quality=100, method=6, exact=True),
-                      'Pillow/libwebp, lossless=True, quality=100, method=6, exact=True '
-                      '(keeps the colour under transparent pixels)'),
+                      'Pillow/libwebp, lossless=True, quality=100, method=6, exact=True'),
     'JPEG XL lossless': ('JPEGXL', dict(lossless=True, effort=9),
                          'imagecodecs/libjxl, lossless=True, effort=9'),
 }
