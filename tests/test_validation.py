@@ -24,7 +24,7 @@ def _errors(**changes):
 
 def test_the_shipped_configs_are_valid():
   for name in ('test', 'digits', 'mnist', 'cifar10', 'cifar10_aug', 'imagenet32',
-               'imagenet64'):
+               'imagenet64', 'photo_patches'):
     assert validation.check_fields(common.load_config(name)) == [], name
 
 
