@@ -6,7 +6,8 @@ Version 3 (written):
     | if N > k, the bits-back part: fingerprints of config.model, the parameters, the
       coding table and the environment (4 bytes each); varints checkpoint step + 1,
       T, resolution, first resolution, first images, support, network batch,
-      seed words, untouched seed words, number of groups, group sizes
+      seed words, untouched seed words, number of groups, group sizes, K and the
+      K bytes of the step density (K = 0: equal steps in t)
     | images fingerprint (4 bytes) | checksum (4 bytes) | payload
 
 The first k images are in the conventional code (conventional.py); the other N − k are
@@ -15,10 +16,9 @@ payload is the stack's words (uint32 little-endian) when N > k, else the convent
 bytes. The checksum covers every byte of the file but its own. Fingerprints are
 truncated SHA-256: enough to refuse another model, table or environment, which would
 otherwise be caught only after decoding by the images' fingerprint. Version 2 (read
-only) is the same layout without JPEG XL among the conventional methods, so that a
-reader of version 2 refuses a version-3 file by its version instead of failing on its
-conventional code. Version 1 (read only) had 16-byte digests, the environment as text
-and no conventional part.
+only) is the same layout without JPEG XL among the conventional methods and without
+the step density (its steps are equal in t). Version 1 (read only) had 16-byte
+digests, the environment as text and no conventional part.
 """
 
 import dataclasses
@@ -84,6 +84,7 @@ class Header:
   seed_words: int = 0  # S: pseudo-random words below the conventional bytes
   untouched_words: int = 0  # m: the seed's bottom m words, never popped, not stored
   group_sizes: tuple = ()  # bits-back images per group, in encoding order
+  step_density: tuple = ()  # K bytes placing the T steps (steps.py); (): equal steps in t
 
   @property
   def bits_back_images(self) -> int:
@@ -248,6 +249,7 @@ def pack(header: Header, payload: bytes) -> bytes:
                      header.resolution, header.first_resolution, header.first_images,
                      header.support, header.batch_size, header.seed_words,
                      header.untouched_words, len(header.group_sizes), *header.group_sizes)
+    head += _varints(len(header.step_density)) + bytes(header.step_density)
   head += fp(header.images_hash)
   return head + _checksum(head, payload) + payload
 
@@ -277,6 +279,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         ('timesteps', 'resolution', 'first_resolution', 'first_images', 'support',
          'batch_size', 'seed_words', 'untouched_words'), settings)))
     fields['group_sizes'] = tuple(r.varints(min(groups, len(data))))
+    if data[4] >= 3:
+      fields['step_density'] = tuple(r.take(r.varint()))
   header = Header(images_hash=r.take(FINGERPRINT_BYTES), **fields)
   head = data[:r.pos]
   checksum = r.take(CHECKSUM_BYTES)
@@ -288,6 +292,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
                                    or sum(header.group_sizes) != n - k
                                    or len(payload) % 4)):
     raise CorruptFileError('The header is inconsistent (image or group counts).')
+  if 0 in header.step_density:
+    raise CorruptFileError('The header is inconsistent (a step density of 0).')
   return header, payload
 
 
