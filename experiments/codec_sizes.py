@@ -130,7 +130,8 @@ def main(argv):
   images = np.asarray(datasets.load_split(config.data, config.eval.split))
   model, params, step = codec_tools.restore(config, f.workdir)
   settings = dict(codec_tools.codec_kwargs(config), batch_size=config.codec.batch_size,
-                  first_group=config.codec.first_group)
+                  first_group=config.codec.first_group,
+                  step_placement=config.codec.step_placement)
   rows = []
   for n in map(int, f.num_images):
     rows += measure(model, params, images[:n], step, f.designs, f.decode, **settings)
