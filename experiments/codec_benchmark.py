@@ -59,7 +59,7 @@ def benchmark(config, workdir, num_images: int, timesteps: int,
   kwargs = dict(timesteps=timesteps, batch_size=c.batch_size, first_group=first_group,
                 resolution=c.resolution, first_resolution=c.first_resolution,
                 first_images=c.first_images, support=c.support, conventional_images=0,
-                fallback=False)
+                fallback=False, step_placement=c.step_placement)
   codec.decompress(model, params, codec.compress(model, params, images, **kwargs)[0])
   data, report = codec.compress(model, params, images, **kwargs)
   timings = {}

@@ -5,7 +5,8 @@ r"""A model's bits-back files against its discrete-time bound, on its test image
 Compresses the evaluation images (config.eval.split, the first config.eval.num_examples
 or --num_images of them) into one bits-back file with the workdir's model, every image
 bits-back coded from pseudo-random initial bits (vdm_jax/codec/compressor.py with
-conventional_images=0; T = config.codec.timesteps unless --timesteps), decodes it and
+conventional_images=0; T = config.codec.timesteps unless --timesteps, the steps placed
+as config.codec.step_placement says), decodes it and
 checks every image, and
 estimates the discrete-time bound at the same T on the same images with every one of
 the T diffusion terms drawn per image (--bound_draws times, averaged). Reports:
@@ -20,7 +21,8 @@ the T diffusion terms drawn per image (--bound_draws times, averaged). Reports:
   time          encode and decode, network and entropy coding separately
 
 Writes WORKDIR/codec_eval.json, then prints the comparison table of
-experiments/codec_compare.py (PNG, WebP, the bound, and this file's row).
+experiments/codec_compare.py (JPEG XL at effort 9, WebP lossless and PNG, each the
+better of per image and all images as one picture; the bound; this file's row).
 """
 
 import json
@@ -40,6 +42,7 @@ import numpy as np
 
 import codec_compare
 from vdm_jax import codec
+from vdm_jax.codec import tables
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax.data import datasets
 from vdm_jax.runtime import host_memory
@@ -61,14 +64,17 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
       first_group=c.first_group, resolution=c.resolution,
       first_resolution=c.first_resolution, first_images=c.first_images,
       support=c.support, step=step, conventional_images=0, fallback=False,
-      ideal_bits=True)
+      step_placement=c.step_placement, ideal_bits=True)
+  density = codec.read_header(data).step_density  # () unless placed for rate
   timings = {}
   decoded = codec.decompress(model, params, data, timings=timings)
   if not np.array_equal(decoded, images):
     raise AssertionError('The file did not decode to the original images.')
   start = time.perf_counter()
+  levels = tables.gamma_grid(model, params, timesteps, density)
   bound = np.mean([codec_tools.discrete_bound(model, params, images, timesteps,
-                                              batch_size=c.batch_size, seed=k)
+                                              batch_size=c.batch_size, seed=k,
+                                              gamma=levels)
                    for k in range(bound_draws)], axis=0)
   bound_seconds = time.perf_counter() - start
   n, dims = len(images), report.dims_per_image
@@ -78,6 +84,7 @@ def evaluate(config, workdir: str, timesteps: int, num_images=None,
   return dict(
       dataset=config.data.dataset, split=config.eval.split, num_images=n,
       image_shape=list(images.shape[1:]), timesteps=timesteps,
+      step_placement=c.step_placement,
       resolution=c.resolution, first_resolution=c.first_resolution,
       first_images=c.first_images,
       support=c.support, batch_size=c.batch_size,

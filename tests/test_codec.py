@@ -75,7 +75,8 @@ def test_round_trip_one_image():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('vocab_size,channels', [(2, 1), (256, 3), (2, 3), (256, 1)])
+@pytest.mark.parametrize('vocab_size,channels', [(2, 1), (2, 3), (256, 1)])
+# (V = 256, 3 channels): test_mixed_file_with_a_jpeg_xl_bottom.
 def test_round_trip_vocab_sizes_and_channels(vocab_size, channels):
   round_trip(random_images(3, vocab_size, channels), vocab_size)
 
@@ -96,6 +97,37 @@ def test_mixed_file_round_trip_and_its_stack_bottom():
   assert report.conventional_images == 2 and 0 < report.conventional_bits
   assert header.untouched_words == header.seed_words and report.initial_bits == 0
   assert report.payload_bits + report.header_bits == 8 * len(data)
+
+
+def smooth_colour_images(n, size=4, seed=0):
+  """Gradients with a little noise: JPEG XL is their shortest conventional code."""
+  y, x = np.mgrid[:size, :size]
+  noise = np.random.default_rng(seed).integers(-2, 3, (n, size, size, 3))
+  return np.clip(100 + 3 * y[..., None] + 2 * x[..., None] + 20 * np.arange(3) + noise,
+                 0, 255).astype(np.uint8)
+
+
+def test_mixed_file_with_a_jpeg_xl_bottom():
+  """V = 256, colour: two images in JPEG XL beneath two bits-back coded."""
+  images = smooth_colour_images(4)
+  data, _ = round_trip(images, 256, conventional_images=2, first_images=2)
+  header = compressor.read_header(data)
+  assert (header.version, header.conventional, header.conventional_images) == (
+      file_format.VERSION, conventional.JPEGXL, 2)
+
+
+@pytest.mark.parametrize('images', [random_images(1), random_images(6),
+                                    np.full((5, 4, 4, 1), 3, np.uint8)])
+def test_file_never_exceeds_the_best_conventional_code_by_more_than_its_header(images):
+  """Against every conventional code of the N images, both as one picture (the file's
+  fallback) and one file per image."""
+  model, params = tiny_model()
+  data, report = compressor.compress(model, params, images, timesteps=T, batch_size=2)
+  one_picture = min(len(d) for _, d in conventional.candidates(images, 17))
+  per_image = min(sum(len(conventional.encode(image, codec)) for image in images)
+                  for codec in conventional.CODECS)
+  assert len(data) <= min(one_picture, per_image) + report.header_bits // 8
+  assert report.header_bits <= 8 * 24 or not report.method.startswith('conventional')
 
 
 def test_conventional_file_when_shorter():
@@ -438,3 +470,29 @@ def test_every_altered_byte_of_a_version_1_file_is_refused():
       compressor.read_header(bytes(altered))
   with pytest.raises(file_format.CorruptFileError):
     compressor.read_header(data[:-4])
+
+
+def test_version_2_files_still_decode():
+  """tests/data/codec_v2.vdmc: random_images(3) written by the version-2 encoder with
+  tiny_model(), T = 3, batch 2, first_images 2, step 1234, one image raw beneath two
+  bits-back coded; codec_v2_conventional.vdmc: the images arange(48)·[3, 4, 4, 1] // 5
+  as one WebP lossless code."""
+  model, params = tiny_model()
+  data = (FIXTURES / 'codec_v2.vdmc').read_bytes()
+  header = compressor.read_header(data)
+  assert (data[4], header.conventional_images, header.step) == (2, 1, 1234)
+  np.testing.assert_array_equal(compressor.decompress(model, params, data), random_images(3))
+  data = (FIXTURES / 'codec_v2_conventional.vdmc').read_bytes()
+  assert data[4] == 2 and compressor.read_header(data).conventional == conventional.WEBP
+  np.testing.assert_array_equal(compressor.decompress(None, None, data),
+                                np.arange(48).reshape(3, 4, 4, 1) // 5)
+
+
+def test_a_later_format_version_is_refused_by_its_number(files):
+  _, data = files
+  later = bytearray(data['mixed'])
+  assert later[4] == file_format.VERSION == 3
+  later[4] = 4
+  with pytest.raises(file_format.CorruptFileError, match='Format version 4; this vdm_jax '
+                     'reads versions 1, 2, 3'):
+    compressor.read_header(bytes(later))

@@ -45,10 +45,27 @@ def test_mean_stderr():
   assert math.isclose(stderr, np.std([1, 2, 3, 4], ddof=1) / 2)
 
 
+def test_each_codec_reports_the_better_of_per_image_and_one_picture():
+  images = datasets.load_split(_digits_config().data, 'test')[:8]
+  rows = compression.codec_rows(images)
+  assert [r['method'] for r in rows] == list(compression.CODECS)
+  for r in rows:
+    codec = r['method']
+    assert r['per_image_bytes'] == sum(len(compression.encode(i, codec)) for i in images)
+    assert r['per_image_bpd'] == pytest.approx(8 * r['per_image_bytes'] / (8 * 64))
+    assert r['one_picture_bpd'] == pytest.approx(8 * r['one_picture_bytes'] / (8 * 64))
+    assert r['bpd'] == min(r['per_image_bpd'], r['one_picture_bpd'])
+    # Eight 8x8 digits in one picture: one header, and each image's neighbours to
+    # predict from, so the picture is smaller than eight files.
+    assert r['one_picture_bytes'] < r['per_image_bytes'] and 'one picture' in r['notes']
+    assert math.isnan(r['bpd_stderr'])
+
+
 def test_table_has_a_model_row_when_eval_results_exist(tmp_path):
   config = _digits_config(num_examples=8)
   without = compression.compare(config, str(tmp_path))
-  assert [r['method'] for r in without['rows']] == ['PNG', 'WebP lossless']
+  assert [r['method'] for r in without['rows']] == [
+      'PNG', 'WebP lossless', 'JPEG XL lossless']
   assert 'No model row' in compression.markdown(without)
 
   results = dict(bpd=2.5, bpd_stderr=0.1, num_examples=8, split='test', step=1000,
@@ -61,8 +78,8 @@ def test_table_has_a_model_row_when_eval_results_exist(tmp_path):
   assert 'step 1000' in model['notes'] and 'WARNING' not in model['notes']
   compression.write(str(tmp_path), table)
   md = (tmp_path / 'compression.md').read_text()
-  assert '| method | bpd | ± stderr | notes |' in md
-  assert '| VDM (this model) | 2.500 | 0.100 |' in md
+  assert '| method | bpd | ± stderr | per image | one picture | notes |' in md
+  assert '| VDM (this model) | 2.500 | 0.100 |  |  |' in md
   assert json.loads((tmp_path / 'compression.json').read_text())['rows'][-1]['bpd'] == 2.5
 
   # A model evaluated on other images is flagged.
@@ -80,5 +97,5 @@ def test_table_has_the_bits_back_file_row_when_codec_results_exist(tmp_path):
   row = compression.compare(config, str(tmp_path))['rows'][-1]
   assert row['method'] == 'VDM bits-back (actual file)' and row['bpd'] == 4.69
   assert 'T = 400' in row['notes'] and 'WARNING' not in row['notes']
-  assert '| VDM bits-back (actual file) | 4.690 |  |' in compression.markdown(
+  assert '| VDM bits-back (actual file) | 4.690 |  |  |  |' in compression.markdown(
       compression.compare(config, str(tmp_path)))

@@ -24,7 +24,7 @@ def _errors(**changes):
 
 def test_the_shipped_configs_are_valid():
   for name in ('test', 'digits', 'mnist', 'cifar10', 'cifar10_aug', 'imagenet32',
-               'imagenet64'):
+               'imagenet64', 'photo_patches'):
     assert validation.check_fields(common.load_config(name)) == [], name
 
 
@@ -44,6 +44,8 @@ def test_the_shipped_configs_are_valid():
     ({'quality.feature_steps': 0}, 'config.quality.feature_steps = 0: must be ≥ 1'),
     ({'quality.features': 'inception'}, "config.quality.features = 'inception' is not one "
      "of 'auto', 'classifier', 'autoencoder'"),
+    ({'codec.step_placement': 'even'}, "config.codec.step_placement = 'even' is not one "
+     "of 'uniform', 'rate'"),
     ({'training.max_skipped_fraction': 1.5},
      'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),

@@ -201,4 +201,5 @@ def get_config() -> ml_collections.ConfigDict:
   codec.first_resolution = 2  # The same for the first images: coarser, fewer initial bits.
   codec.first_images = 8  # Groups that start before this image use first_resolution.
   codec.support = 8  # Half-width of the coded Gaussians' supports, in standard deviations.
+  codec.step_placement = 'uniform'  # Where the T steps lie (docs/maths.md §9.1): uniform (equal in t) | rate (density ∝ √w, estimated by the network, stored in the file).
   return config

@@ -278,6 +278,7 @@ def _check_codec_fields(c) -> list[str]:
     if c[name] < low or (high is not None and c[name] > high):
       errors.append(f'config.codec.{name} = {c[name]}: must be '
                     + (f'≥ {low}.' if high is None else f'in {low}..{high}.'))
+  _choice(errors, 'codec.step_placement', c.step_placement, ('uniform', 'rate'))
   return errors
 
 

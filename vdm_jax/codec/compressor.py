@@ -23,10 +23,12 @@ import tqdm
 from vdm_jax.codec import coder
 from vdm_jax.codec import conventional
 from vdm_jax.codec import file_format
+from vdm_jax.codec import steps
 from vdm_jax.codec import tables
 from vdm_jax.runtime import compiler
 
 _WHITENING = b'vdm_jax conventional bytes'  # keystream label for the stacked code
+DENSITY_IMAGES = 256  # the first images, at most, on which a step density is estimated
 
 
 def check_images(images, vocab_size: int) -> np.ndarray:
@@ -42,8 +44,8 @@ def check_images(images, vocab_size: int) -> np.ndarray:
   return images.astype(np.int64)
 
 
-def _tables(model, params, timesteps, resolution, first_resolution, support):
-  gamma = tables.gamma_grid(model, params, timesteps)
+def _tables(model, params, timesteps, resolution, first_resolution, support, density=()):
+  gamma = tables.gamma_grid(model, params, timesteps, density)
   return gamma, (tables.coding_table(gamma, first_resolution, support),
                  tables.coding_table(gamma, resolution, support))
 
@@ -110,8 +112,8 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
              first_group: int = 1, resolution: int = 8, first_resolution: int = 2,
              first_images: int = 8, support: int = 8, step: Optional[int] = None,
              conventional_images: Optional[int] = None, fallback: bool = True,
-             ideal_bits: bool = False, progress: bool = False,
-             ) -> tuple[bytes, file_format.Report]:
+             step_placement: str = 'uniform', ideal_bits: bool = False,
+             progress: bool = False) -> tuple[bytes, file_format.Report]:
   """Codes integer images [N, H, W, C] into one file (§9); returns (file, report).
 
   timesteps: T of the discrete-time model. batch_size: largest network batch.
@@ -123,6 +125,8 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
   conventional_images: k, the images coded conventionally beneath the stack; None
   chooses the fewest that cover the first pops, 0 starts the stack from pseudo-random
   bits only. fallback: keep a conventional code of all images if it is shorter.
+  step_placement: 'uniform' (γ(i/T)) or 'rate' (levels placed by a step density that
+  the network estimates on the first images, stored in the file; §9.1).
   ideal_bits: report each bits-back image's information content under the coded
   models (costs extra arithmetic). progress: a progress bar on long files.
   """
@@ -141,14 +145,22 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
         n, dims, timesteps, f'conventional ({conventional.NAMES[method]})', n,
         8 * len(data), 0, 0, 8 * len(data), 8 * (len(packed) - len(data)), (), 0.0, 0.0,
         time.perf_counter() - start)))
-  gamma, tabs = _tables(model, params, timesteps, resolution, first_resolution, support)
+  density = ()
+  if step_placement == 'rate':
+    ends = tables.gamma_grid(model, params, 1)
+    density = steps.estimate_density(model, params, images[:DENSITY_IMAGES], vocab,
+                                     ends[0], ends[1], batch_size=batch_size)
+  elif step_placement != 'uniform':
+    raise ValueError(f"step_placement={step_placement!r}: 'uniform' or 'rate'.")
+  gamma, tabs = _tables(model, params, timesteps, resolution, first_resolution, support,
+                        density)
   if conventional_images is None:
     conventional_images = prefix_images(
         images, vocab, first_group * coder.first_pops_bits(tabs[0], dims))
   if conventional_images < n:
     settings = dict(timesteps=timesteps, resolution=resolution,
                     first_resolution=first_resolution, first_images=first_images,
-                    support=support, batch_size=batch_size)
+                    support=support, batch_size=batch_size, step_density=density)
     files.append(_bits_back_file(model, params, images, conventional_images, gamma, tabs,
                                  settings, first_group, step, ideal_bits, progress, start))
   return min(files, key=lambda f: len(f[0]))
@@ -251,7 +263,7 @@ def _decode_bits_back(model, params, header, payload, allow_other_environment, t
                       progress, step, settings):
   """(images[k:], the conventional bytes restored at the stack's bottom)."""
   gamma, tabs = _tables(model, params, header.timesteps, header.resolution,
-                        header.first_resolution, header.support)
+                        header.first_resolution, header.support, header.step_density)
   file_format.check_model(header, file_format.config_hash(model.config),
                           file_format.params_hash(params), step, settings,
                           _tables_digest(tabs), allow_other_environment)

@@ -1,12 +1,13 @@
 """The file format of the codec (vdm_jax/codec/compressor.py): header, checks, errors.
 
-Version 2 (written):
+Version 3 (written):
 
-    b'VDMC' | 2 | conventional method u8 | varints N, H, W, C, V, k, conventional bytes
+    b'VDMC' | 3 | conventional method u8 | varints N, H, W, C, V, k, conventional bytes
     | if N > k, the bits-back part: fingerprints of config.model, the parameters, the
       coding table and the environment (4 bytes each); varints checkpoint step + 1,
       T, resolution, first resolution, first images, support, network batch,
-      seed words, untouched seed words, number of groups, group sizes
+      seed words, untouched seed words, number of groups, group sizes, K and the
+      K bytes of the step density (K = 0: equal steps in t)
     | images fingerprint (4 bytes) | checksum (4 bytes) | payload
 
 The first k images are in the conventional code (conventional.py); the other N − k are
@@ -14,8 +15,10 @@ bits-back coded, and the conventional bytes lie at the bottom of their stack (§
 payload is the stack's words (uint32 little-endian) when N > k, else the conventional
 bytes. The checksum covers every byte of the file but its own. Fingerprints are
 truncated SHA-256: enough to refuse another model, table or environment, which would
-otherwise be caught only after decoding by the images' fingerprint. Version 1 (read
-only) had 16-byte digests, the environment as text and no conventional part.
+otherwise be caught only after decoding by the images' fingerprint. Version 2 (read
+only) is the same layout without JPEG XL among the conventional methods and without
+the step density (its steps are equal in t). Version 1 (read only) had 16-byte
+digests, the environment as text and no conventional part.
 """
 
 import dataclasses
@@ -33,8 +36,8 @@ import numpy as np
 from vdm_jax import errors
 
 MAGIC = b'VDMC'
-VERSION = 2
-VERSIONS = (1, 2)
+VERSION = 3
+VERSIONS = (1, 2, 3)
 FINGERPRINT_BYTES = 4
 CHECKSUM_BYTES = 4
 
@@ -62,7 +65,7 @@ class Header:
   image_shape: tuple  # (H, W, C)
   vocab_size: int  # V
   images_hash: bytes  # fingerprint of the images
-  conventional: int = 0  # conventional.WEBP / PNG / RAW for the first k images; 0: none
+  conventional: int = 0  # conventional.JPEGXL / WEBP / PNG / RAW for the first k; 0: none
   conventional_images: int = 0  # k
   conventional_bytes: int = 0  # length of their code
   version: int = VERSION
@@ -81,6 +84,7 @@ class Header:
   seed_words: int = 0  # S: pseudo-random words below the conventional bytes
   untouched_words: int = 0  # m: the seed's bottom m words, never popped, not stored
   group_sizes: tuple = ()  # bits-back images per group, in encoding order
+  step_density: tuple = ()  # K bytes placing the T steps (steps.py); (): equal steps in t
 
   @property
   def bits_back_images(self) -> int:
@@ -231,9 +235,9 @@ class _Reader:
     return [self.varint() for _ in range(n)]
 
 
-# ------------------------------------------------------------------ version 2
+# ------------------------------------------------------------------ versions 2 and 3
 def pack(header: Header, payload: bytes) -> bytes:
-  """Header and payload as one file (version 2)."""
+  """Header and payload as one file (version 3)."""
   fp = lambda b: b[:FINGERPRINT_BYTES]  # pylint: disable=unnecessary-lambda-assignment
   head = MAGIC + bytes([VERSION, header.conventional]) + _varints(
       header.num_images, *header.image_shape, header.vocab_size,
@@ -245,6 +249,7 @@ def pack(header: Header, payload: bytes) -> bytes:
                      header.resolution, header.first_resolution, header.first_images,
                      header.support, header.batch_size, header.seed_words,
                      header.untouched_words, len(header.group_sizes), *header.group_sizes)
+    head += _varints(len(header.step_density)) + bytes(header.step_density)
   head += fp(header.images_hash)
   return head + _checksum(head, payload) + payload
 
@@ -254,7 +259,7 @@ def _checksum(head: bytes, payload: bytes) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[Header, bytes]:
-  """(header, payload bytes) of a file of either version, after its integrity checks."""
+  """(header, payload bytes) of a file of any version read, after its integrity checks."""
   if len(data) < 6 or data[:4] != MAGIC:
     raise CorruptFileError(f'Not a vdm_jax codec file (its first bytes are not {MAGIC!r}).')
   if data[4] not in VERSIONS:
@@ -264,8 +269,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     return _unpack_v1(data)
   r = _Reader(data, 6)
   n, h, w, c, v, k, conv_bytes = r.varints(7)
-  fields = dict(num_images=n, image_shape=(h, w, c), vocab_size=v, conventional=data[5],
-                conventional_images=k, conventional_bytes=conv_bytes)
+  fields = dict(version=data[4], num_images=n, image_shape=(h, w, c), vocab_size=v,
+                conventional=data[5], conventional_images=k, conventional_bytes=conv_bytes)
   if n > k:
     fields.update(config_hash=r.take(4), params_hash=r.take(4), table_hash=r.take(4),
                   environment=r.take(4))
@@ -274,6 +279,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         ('timesteps', 'resolution', 'first_resolution', 'first_images', 'support',
          'batch_size', 'seed_words', 'untouched_words'), settings)))
     fields['group_sizes'] = tuple(r.varints(min(groups, len(data))))
+    if data[4] >= 3:
+      fields['step_density'] = tuple(r.take(r.varint()))
   header = Header(images_hash=r.take(FINGERPRINT_BYTES), **fields)
   head = data[:r.pos]
   checksum = r.take(CHECKSUM_BYTES)
@@ -285,6 +292,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
                                    or sum(header.group_sizes) != n - k
                                    or len(payload) % 4)):
     raise CorruptFileError('The header is inconsistent (image or group counts).')
+  if 0 in header.step_density:
+    raise CorruptFileError('The header is inconsistent (a step density of 0).')
   return header, payload
 
 

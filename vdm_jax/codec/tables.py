@@ -1,9 +1,10 @@
 """The coding table of the bits-back codec: grids and Gaussians per level (docs/maths.md §9).
 
-For T steps, level i holds z_i at t = i/T. The table fixes, from γ(i/T) alone, the grid
-width δ_i of each level and the means, standard deviations and supports (in grid bins)
-of the pop q(z_i | z_{i-1}) and the push p(z_{i-1} | z_i) there, so that encoder and
-decoder code every latent identically.
+For T steps, level i holds z_i at t = i/T, or at the i-th of the levels placed for rate
+(steps.py, §9.1). The table fixes, from those γ_i alone, the grid width δ_i of each
+level and the means, standard deviations and supports (in grid bins) of the pop
+q(z_i | z_{i-1}) and the push p(z_{i-1} | z_i) there, so that encoder and decoder code
+every latent identically.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.codec import file_format
+from vdm_jax.codec import steps
 
 MAX_BINS = 1 << 20  # constriction quantises probabilities to 2^-24: keep supports far below.
 
@@ -81,8 +83,10 @@ def coding_table(gamma: np.ndarray, resolution: int, support: int) -> CodingTabl
                      p_half.astype(np.int64))
 
 
-def gamma_grid(model, params, timesteps: int) -> np.ndarray:
-  """γ(i/T) for i = 0..T as the model computes it (float32), as float64."""
-  t = jnp.arange(timesteps + 1, dtype=jnp.float32) / timesteps
-  g = model.apply({'params': params}, t, method=lambda m, t: m.gamma(t))
-  return np.asarray(jax.device_get(g), np.float64)
+def gamma_grid(model, params, timesteps: int, density: tuple = ()) -> np.ndarray:
+  """γ(i/T) for i = 0..T as the model computes it (float32), as float64; with a step
+  density (steps.py, §9.1) the levels at its quantiles between γ(0) and γ(1)."""
+  t = jnp.arange((1 if density else timesteps) + 1, dtype=jnp.float32)
+  g = model.apply({'params': params}, t / t[-1], method=lambda m, t: m.gamma(t))
+  g = np.asarray(jax.device_get(g), np.float64)
+  return steps.placed_gamma(g[0], g[-1], density, timesteps) if density else g

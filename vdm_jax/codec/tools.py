@@ -26,16 +26,19 @@ from vdm_jax.model import vdm
 
 
 def discrete_bound(model, params, images, timesteps: int, *, batch_size: int = 64,
-                   seed: int = 0, recon_draws: int = 8) -> np.ndarray:
+                   seed: int = 0, recon_draws: int = 8, gamma=None) -> np.ndarray:
   """Per-image −ELBO of the T-step model in bits, the quantity a file's net size
   approaches (§3, §9): L_prior + L_recon + Σ_{i=1..T} ½·expm1(γ_i − γ_{i−1})·‖ε − ε̂‖²,
   every one of the T terms drawn once per image (not T times one random term), and
-  L_recon averaged over `recon_draws` draws of ε_0. γ(i/T) as in `compress`.
+  L_recon averaged over `recon_draws` draws of ε_0. γ_i = γ(i/T) as in `compress`, or
+  the T + 1 levels `gamma` given (steps placed for rate, §9.1).
   """
   vocab = int(model.config.vocab_size)
   images = compressor.check_images(images, vocab)
   n = len(images)
-  gam = jnp.asarray(tables.gamma_grid(model, params, timesteps), jnp.float32)
+  if gamma is None:
+    gamma = tables.gamma_grid(model, params, timesteps)
+  gam = jnp.asarray(gamma, jnp.float32)
   batch = min(batch_size, n)
   nats = np.zeros(n)
 
@@ -144,7 +147,7 @@ def compress_command(config, workdir: str, input_path: str, output_path: str,
     data, report = compressor.compress(
         run.model, params, images, batch_size=config.codec.batch_size,
         first_group=config.codec.first_group, step=step, progress=True,
-        **codec_kwargs(config))
+        step_placement=config.codec.step_placement, **codec_kwargs(config))
     with open(tmp, 'wb') as f:
       f.write(data)
   return f'{output_path}: {report.summary()}'
