@@ -24,6 +24,7 @@ import ml_collections
 
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
+from vdm_jax.model import second_order
 from vdm_jax.model import time_sampling
 
 WEIGHTINGS = ('elbo', 'sigmoid', 'elbo_plus_sigmoid')
@@ -220,6 +221,7 @@ class VDMOutput:
   t: jax.Array  # the times drawn (NaN where γ is drawn directly, in continuous time)
   gamma_t: jax.Array  # γ_t, the noise level of each example's diffusion term
   diff_integrand: jax.Array  # w(λ_t)·½‖ε − ε̂‖²: the weighted term per unit γ at γ_t (§11)
+  loss_second_order: jax.Array  # the second-order term (§15.2) in the objective; 0 when off
   gamma_0: jax.Array  # γ(0), scalar
   gamma_1: jax.Array  # γ(1), scalar
 
@@ -324,7 +326,8 @@ class VDM(nn.Module):
     g = gamma_t[:, None, None, None]
     eps = jax.random.normal(self.make_rng('sample'), f.shape)
     z_t = jnp.sqrt(nn.sigmoid(-g)) * f + jnp.sqrt(nn.sigmoid(g)) * eps
-    eps_hat = self.score(z_t, gamma_t, conditioning, deterministic)
+    eps_hat, trace = second_order.score_and_trace(self, z_t, gamma_t, conditioning,
+                                                  deterministic)
     if sampling in time_sampling.IN_GAMMA and T == 0:
       loss_diff = diffusion_loss_importance(proposal.log_density(gamma_t), eps, eps_hat)
     elif sampling in time_sampling.IN_GAMMA:
@@ -337,7 +340,9 @@ class VDM(nn.Module):
     # Training objective (§5): the weighting acts on the diffusion term only.
     w = weighting(cfg.weighting, -gamma_t, cfg.sigmoid_bias, cfg.sigmoid_scale)
     loss_diff_weighted = w * loss_diff
-    objective = loss_recon + loss_klz + loss_diff_weighted
+    loss_second_order = second_order.loss(cfg.second_order_weight, trace, eps, eps_hat,
+                                          gamma_t, loss_diff)  # §15.2
+    objective = loss_recon + loss_klz + loss_diff_weighted + loss_second_order
     if carrier is not None:
       objective = (objective + carrier[:, 0] * jax.lax.stop_gradient(loss_diff_weighted)
                    + carrier[:, 1])
@@ -347,6 +352,7 @@ class VDM(nn.Module):
         bpd=bits_per_dim(loss_recon + loss_klz + loss_diff, num_dims),
         objective=objective, loss_diff_weighted=loss_diff_weighted, t=t, gamma_t=gamma_t,
         diff_integrand=0.5 * w * sum_except_batch(jnp.square(eps - eps_hat)),
+        loss_second_order=loss_second_order,
         gamma_0=gamma_0, gamma_1=gamma_1)
 
   # ---------------------------------------------------------------- §7 sampling
