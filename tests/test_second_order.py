@@ -81,8 +81,10 @@ def test_the_residual_vanishes_for_the_exact_score_of_gaussian_data(gamma):
 @pytest.fixture(scope='module')
 def tiny_vdm():
   """A perturbed tiny v-network with the term on (4×4 images) and a batch of z_t."""
-  cfg = common.tiny_model_config(second_order_weight=0.1, prediction='v')
-  model, variables = common.init_model(cfg, shape=(3, 4, 4, 1))
+  cfg = common.tiny_model_config(prediction='v')
+  _, variables = common.init_model(cfg, shape=(3, 4, 4, 1))  # the same parameters
+  cfg.second_order_weight = 0.1
+  model = vdm.VDM.from_config(cfg)
   params = common.perturb(variables['params'], jax.random.key(3), scale=0.3,
                           predicate=lambda name: 'score_model' in name)
   z = jax.random.normal(jax.random.key(4), (3, 4, 4, 1))
