@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.discrete_timesteps = ()  # Also report the discrete-T bound for each T listed.
   ev.use_ema = True  # Evaluate the EMA parameters (False: the raw ones).
   ev.num_examples = config_dict.placeholder(int)  # Evaluate the first N only; None = all.
-  ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws).
+  ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws, with the importance-weighted bound over them, §15.1).
 
   # ------------------------------------------------------ probability-flow ODE (§10)
   config.ode = ode = ml_collections.ConfigDict()
