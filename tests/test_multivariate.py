@@ -179,10 +179,12 @@ def test_what_does_not_work_with_mulan_is_refused_with_a_message():
   config.model.time_sampling = 'sigmoid'
   config.eval.estimator = 'ode'
   config.model.mulan_latent_classes = 1
+  config.model.second_order_weight = 0.1
   messages = '\n'.join(validation.check_fields(config))
   assert "time_sampling = 'sigmoid'" in messages and "'adaptive'" in messages
   assert "eval.estimator = 'ode'" in messages
   assert 'mulan_latent_classes = 1' in messages
+  assert 'second_order_weight = 0.1' in messages
   with pytest.raises(validation.ConfigError, match='--mode=compress does not support'):
     validation.refuse_unsupported_mode(config, 'compress')
   validation.refuse_unsupported_mode(config, 'eval')

@@ -73,6 +73,7 @@ from vdm_jax.runtime import parallel
 from vdm_jax.training import train
 cfg = common.load_config('test')
 cfg.model.time_sampling = 'adaptive'  # its state is all-reduced over the global batch
+cfg.model.second_order_weight = 0.1  # one more probe draw and a forward-mode pass
 out = {}
 for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   mesh = parallel.make_mesh(devices)
@@ -114,6 +115,7 @@ for name, devices in (('mulan1', jax.devices()[:1]), ('mulan8', jax.devices())):
                    ).ravel()[:50].tolist(),
                    bins=np.asarray(state.time_sampler.mean_loss).tolist())
 cfg.model.time_sampling = 'antithetic'  # the settings of reference_run
+cfg.model.second_order_weight = 0.0
 final = train.train_and_evaluate(cfg, WORKDIR)
 np.savez(WORKDIR + '/final_params.npz', *[np.asarray(x) for x in jax.tree.leaves(final.params)])
 print('RESULT' + json.dumps(out))
@@ -172,6 +174,24 @@ def test_checkpoint_from_8_devices_restores_on_1(eight_devices, reference_run):
   common.assert_trees_equal(jax.tree.leaves(params), written)  # bit for bit
   # …and the 8-device run trained like the 1-device one (see common.assert_params_close_across_reduction_orders).
   common.assert_params_close_across_reduction_orders(params, full.params)
+
+
+@pytest.mark.slow
+def test_a_finished_run_fine_tunes_with_the_second_order_term(reference_run, tmp_path):
+  """More steps with the second-order term (docs/maths.md §15.3): the finished workdir
+  resumes without --allow_config_change, trains with finite loss and gradients (a
+  non-finite step would stop it), and its config.json records the new fields."""
+  _, workdir, full = reference_run
+  shutil.copytree(workdir, tmp_path / 'w')
+  cfg = _test_config(num_steps=7)
+  cfg.model.second_order_weight = 0.1
+  state = train.train_and_evaluate(cfg, str(tmp_path / 'w'))
+  assert int(state.step) == 7
+  kernel = lambda p: np.asarray(p['score_model']['conv_in']['kernel'])
+  assert not np.array_equal(kernel(state.params), kernel(full.params))
+  saved = json.loads((tmp_path / 'w' / 'config.json').read_text())
+  assert saved['model']['second_order_weight'] == 0.1
+  assert saved['training']['num_steps'] == 7
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ def test_the_shipped_configs_are_valid():
      'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
     ({'model.p_drop': 1.0}, 'config.model.p_drop = 1.0: must be in [0, 1)'),
+    ({'model.second_order_weight': -0.1}, 'config.model.second_order_weight = -0.1: must be ≥ 0'),
 ])
 def test_a_value_out_of_range_is_named_with_what_is_accepted(changes, expected):
   assert any(expected in e for e in _errors(**changes)), _errors(**changes)
@@ -98,11 +99,15 @@ def test_model_defining_fields_and_training_only_fields():
   saved = _config().to_dict()
   assert validation.config_difference(saved, _config(**{'model.p_drop': 0.5,
                                                         'model.weighting': 'sigmoid',
+                                                        'model.second_order_weight': 0.1,
+                                                        'training.num_steps': 99,
                                                         'optimizer.learning_rate': 1.0})) == []
   assert validation.config_difference(saved, _config(**{'model.n_embd': 16})) == [
       'model.n_embd: saved 8, now 16']
-  with pytest.raises(validation.ConfigError, match='--allow_config_change'):
+  with pytest.raises(validation.ConfigError, match='--allow_config_change') as e:
     validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}))
+  assert 'the others may change on resume' in str(e.value)  # and names a few
+  assert 'training.num_steps' in str(e.value) and 'model.second_order_weight' in str(e.value)
   with pytest.raises(validation.ConfigError) as e:
     validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}), hint='')
   assert '--allow_config_change' not in str(e.value)

@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.weighting = 'elbo'  # elbo | sigmoid | elbo_plus_sigmoid (vdm.weighting).
   model.sigmoid_bias = 2.0  # b in sigmoid(b - lambda), for the sigmoid weightings.
   model.sigmoid_scale = 20.0  # a in w = 1 + a*sigmoid(b - lambda), for weighting=elbo_plus_sigmoid.
+  # λ of the second-order term (§15.2): trains the trace of the network's Jacobian, which the
+  # ODE's likelihood integrates (one Rademacher probe, ~one more backward pass a step);
+  # 0 = off. i-DODE fine-tunes with 0.1; changeable when resuming (a fine-tune of a run).
+  model.second_order_weight = 0.0
   # Noise-prediction network (§6).
   model.prediction = 'eps'  # What the network outputs: eps (ε, the paper) | v (α_t ε − σ_t f; §11.1).
   model.n_embd = 128  # Channels of every block.
@@ -158,7 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.discrete_timesteps = ()  # Also report the discrete-T bound for each T listed.
   ev.use_ema = True  # Evaluate the EMA parameters (False: the raw ones).
   ev.num_examples = config_dict.placeholder(int)  # Evaluate the first N only; None = all.
-  ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws).
+  ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws, with the importance-weighted bound over them, §15.1).
 
   # ------------------------------------------------------ probability-flow ODE (§10)
   config.ode = ode = ml_collections.ConfigDict()

@@ -26,11 +26,13 @@ DTYPES = ('float32', 'bfloat16')
 DECODES = ('argmax', 'draw')
 # Fields that change what the model computes or its parameters: a resumed workdir must
 # not silently continue with other values. How the model is computed or trained (remat,
-# attention_impl, dtype, the training objective's weighting, the §4 gradient, dropout)
-# may change between runs, and evaluation ignores it.
+# attention_impl, dtype, the training objective's weighting and second-order term, the §4
+# gradient, dropout) may change between runs, and evaluation ignores it; so may every
+# field outside config.model (training.num_steps: continue a finished run for longer).
 _NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid_bias',
-                       'sigmoid_scale', 'schedule_variance_reduction', 'time_sampling',
-                       'adaptive_bins', 'adaptive_decay', 'adaptive_uniform', 'p_drop')
+                       'sigmoid_scale', 'second_order_weight', 'schedule_variance_reduction',
+                       'time_sampling', 'adaptive_bins', 'adaptive_decay',
+                       'adaptive_uniform', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
 
@@ -118,6 +120,9 @@ def _check_values(config) -> list[str]:
   if not m.sigmoid_scale >= 0.0:
     errors.append(f'config.model.sigmoid_scale = {m.sigmoid_scale}: must be >= 0 '
                   '(w = 1 + a*sigmoid(b - lambda) must stay positive).')
+  if not m.second_order_weight >= 0.0:
+    errors.append(f'config.model.second_order_weight = {m.second_order_weight}: must be ≥ 0 '
+                  '(0 = off; i-DODE fine-tunes with 0.1).')
   if not 0.0 <= m.p_drop < 1.0:
     errors.append(f'config.model.p_drop = {m.p_drop}: must be in [0, 1).')
   if m.schedule_variance_reduction and not (
@@ -199,6 +204,10 @@ def _check_multivariate(config) -> list[str]:
                   "image, which the mulan schedule does not have (each sub-pixel has its "
                   "own); use 'adaptive' (a proposal over t, docs/maths.md §13.5), "
                   "'antithetic' or 'uniform'.")
+  if m.second_order_weight:
+    errors.append(f'config.model.second_order_weight = {m.second_order_weight}: the '
+                  "second-order term takes one γ per image, which model.schedule = 'mulan' "
+                  'does not have; set it to 0.')
   if config.eval.estimator == 'ode':
     errors.append("config.eval.estimator = 'ode' is not available for model.schedule = "
                   "'mulan' (the probability-flow ODE here takes one γ per image); use "
@@ -385,5 +394,9 @@ def check_resumed_config(saved: dict, config, allow: bool = False,
   if diffs and not allow:
     raise ConfigError(
         ['this workdir holds a model defined differently from the current config:']
-        + diffs + [f'Use the saved config (config.json in the workdir), another --workdir{hint}.'])
+        + diffs + [f'Use the saved config (config.json in the workdir), another --workdir{hint}.',
+                   'Only the fields above must match; the others may change on resume, '
+                   'e.g. training.num_steps (continue a finished run), optimizer.*, '
+                   'model.weighting, model.time_sampling, model.second_order_weight (a '
+                   'second-order fine-tune, docs/maths.md §15.3).'])
   return diffs

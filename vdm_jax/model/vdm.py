@@ -25,6 +25,7 @@ from vdm_jax.model import decoder
 from vdm_jax.model import multivariate
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
+from vdm_jax.model import second_order
 from vdm_jax.model import time_sampling
 
 WEIGHTINGS = ('elbo', 'sigmoid', 'elbo_plus_sigmoid')
@@ -145,10 +146,12 @@ def weighting(name: str, log_snr: jax.Array, sigmoid_bias: float = 2.0,
 
 
 def _output(num_dims: int, loss_recon, loss_klz, loss_diff, loss_diff_weighted, t, gamma_t,
-            diff_integrand, gamma_0, gamma_1, loss_latent=None, objective=None) -> 'VDMOutput':
+            diff_integrand, gamma_0, gamma_1, loss_latent=None, objective=None,
+            loss_second_order=None) -> 'VDMOutput':
   """The VDMOutput of the terms: bpd = (L_recon + L_prior + L_latent + L_diff)/(D ln 2)."""
-  if loss_latent is None:
-    loss_latent = jnp.zeros_like(loss_recon)
+  zeros = jnp.zeros_like(loss_recon)
+  loss_latent = zeros if loss_latent is None else loss_latent
+  loss_second_order = zeros if loss_second_order is None else loss_second_order
   if objective is None:
     objective = loss_recon + loss_klz + loss_latent + loss_diff_weighted
   return VDMOutput(
@@ -156,7 +159,7 @@ def _output(num_dims: int, loss_recon, loss_klz, loss_diff, loss_diff_weighted, 
       bpd=bits_per_dim(loss_recon + loss_klz + loss_latent + loss_diff, num_dims),
       objective=objective, loss_diff_weighted=loss_diff_weighted, t=t, gamma_t=gamma_t,
       diff_integrand=diff_integrand, gamma_0=gamma_0, gamma_1=gamma_1,
-      loss_latent=loss_latent)
+      loss_latent=loss_latent, loss_second_order=loss_second_order)
 
 
 # ------------------------------------------------------------------ the model
@@ -166,12 +169,13 @@ class VDMOutput:
   loss_recon: jax.Array  # L_recon (§3)
   loss_klz: jax.Array  # L_prior (§3), named as in the original code
   loss_diff: jax.Array  # L_∞ or L_T, unweighted (§3)
-  bpd: jax.Array  # (L_prior + L_recon + L_diff)/(D ln 2)
+  bpd: jax.Array  # (L_prior + L_recon + L_latent + L_diff)/(D ln 2)
   objective: jax.Array  # training objective: L_recon + L_prior + weighted L_diff (§5)
   loss_diff_weighted: jax.Array  # w(λ_t)·L_diff; equals loss_diff for `elbo`
   t: jax.Array  # the times drawn (NaN where γ is drawn directly, in continuous time)
   gamma_t: jax.Array  # γ_t, the noise level of each example's diffusion term
   diff_integrand: jax.Array  # w(λ_t)·½‖ε − ε̂‖²: the weighted term per unit γ at γ_t (§11)
+  loss_second_order: jax.Array  # the second-order term (§15.2) in the objective; 0 when off
   gamma_0: jax.Array  # γ(0), scalar
   gamma_1: jax.Array  # γ(1), scalar
   loss_latent: jax.Array  # KL(q(c|x) ‖ p(c)) of the mulan schedule's latent (§13.3); 0 otherwise
@@ -321,7 +325,8 @@ class VDM(nn.Module):
     g = gamma_t[:, None, None, None]
     eps = jax.random.normal(self.make_rng('sample'), f.shape)
     z_t = jnp.sqrt(nn.sigmoid(-g)) * f + jnp.sqrt(nn.sigmoid(g)) * eps
-    eps_hat = self.score(z_t, gamma_t, conditioning, deterministic)
+    eps_hat, trace = second_order.score_and_trace(self, z_t, gamma_t, conditioning,
+                                                  deterministic)
     if sampling in time_sampling.IN_GAMMA and T == 0:
       loss_diff = diffusion_loss_importance(proposal.log_density(gamma_t), eps, eps_hat)
     elif sampling in time_sampling.IN_GAMMA:
@@ -334,13 +339,15 @@ class VDM(nn.Module):
     # Training objective (§5): the weighting acts on the diffusion term only.
     w = weighting(cfg.weighting, -gamma_t, cfg.sigmoid_bias, cfg.sigmoid_scale)
     loss_diff_weighted = w * loss_diff
-    objective = loss_recon + loss_klz + loss_diff_weighted
+    loss_second_order = second_order.loss(cfg.second_order_weight, trace, eps, eps_hat,
+                                          gamma_t, loss_diff)  # §15.2
+    objective = loss_recon + loss_klz + loss_diff_weighted + loss_second_order
     if carrier is not None:
       objective = (objective + carrier[:, 0] * jax.lax.stop_gradient(loss_diff_weighted)
                    + carrier[:, 1])
     return _output(f[0].size, loss_recon, loss_klz, loss_diff, loss_diff_weighted, t, gamma_t,
                    0.5 * w * sum_except_batch(jnp.square(eps - eps_hat)), gamma_0, gamma_1,
-                   objective=objective)
+                   objective=objective, loss_second_order=loss_second_order)
 
   # ---------------------------------------------------------------- §7 sampling
   def sample_step(self, i, timesteps: int, z_t, conditioning, rng, latent=None):

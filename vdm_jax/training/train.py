@@ -95,8 +95,10 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
       finite_grad=jnp.isfinite(grad_norm))
   if mc.schedule == multivariate.NAME:
     metrics['bpd_latent'] = jnp.mean(to_bpd(out.loss_latent))
-  if config.model.weighting != 'elbo':
+  if config.model.weighting != 'elbo' or mc.second_order_weight:
     metrics['objective_bpd'] = jnp.mean(to_bpd(out.objective))
+  if mc.second_order_weight:  # the second-order term's share of the objective (§15.2)
+    metrics['bpd_second_order'] = jnp.mean(to_bpd(out.loss_second_order))
   return new_state, metrics
 
 
