@@ -29,6 +29,19 @@ def test_config_round_trip_and_garbled_config(tmp_path):
     wd.read_config()
 
 
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path, request, where):
+  root = tmp_path if where == 'local' else request.getfixturevalue('gcs_bucket') + '/config'
+  wd = workdir_lib.Workdir(root)
+  for content, kind in (('[1, 2]', 'list'), ('42', 'int'), ('"str"', 'str'), ('null', 'NoneType')):
+    (wd.path / 'config.json').write_text(content)
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=rf'config.json holds a JSON {kind}, not the object of config '
+                       'fields.*Restore it from a copy'):
+      wd.read_config()
+    assert (wd.path / 'config.json').read_text() == content
+
+
 def test_results_and_png_are_written_atomically(tmp_path):
   wd = workdir_lib.Workdir(tmp_path)
   wd.write_results({'bpd': 1.5}, step=7)
@@ -62,6 +75,10 @@ def test_create_and_require_name_what_is_wrong(tmp_path):
   assert not (tmp_path / 'missing').exists()  # nothing created
   workdir_lib.Workdir(tmp_path / 'a' / 'b').create()
   assert (tmp_path / 'a' / 'b').is_dir()
+  with pytest.raises(workdir_lib.WorkdirError, match=r'File name too long \(a name in that '
+                     'path is longer than the file system allows.*choose a shorter --workdir'):
+    workdir_lib.Workdir(tmp_path / ('x' * 256) / 'run').create()
+  assert sorted(os.listdir(tmp_path)) == ['a', 'file']
 
 
 # ------------------------------------------------------------------------ lock
