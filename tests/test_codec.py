@@ -6,6 +6,7 @@ against the discrete-time bound."""
 import functools
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,10 @@ def test_bad_images_are_refused():
     compressor.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
   with pytest.raises(file_format.CodecError, match=r'\[N, H, W, C\]'):
     compressor.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
+  for shape in ((2, 0, 8, 1), (2, 8, 0, 1), (0, 8, 8, 1), (2, 8, 8, 0)):
+    with pytest.raises(file_format.CodecError, match=r'non-empty .*\[N, H, W, C\] \(each of '
+                       rf'N, H, W, C at least 1\), got uint8 {re.escape(str(shape))}'):
+      compressor.compress(model, params, np.zeros(shape, np.uint8), timesteps=T)
 
 
 # ------------------------------------------------------------------ rates

@@ -31,10 +31,10 @@ _WHITENING = b'vdm_jax conventional bytes'  # keystream label for the stacked co
 
 def check_images(images, vocab_size: int) -> np.ndarray:
   images = np.asarray(images)
-  if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not len(images):
+  if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not images.size:
     raise file_format.CodecError(
-        f'images must be a non-empty integer array [N, H, W, C], got {images.dtype} '
-        f'{images.shape}.')
+        f'images must be a non-empty integer array [N, H, W, C] (each of N, H, W, C at '
+        f'least 1), got {images.dtype} {images.shape}.')
   if images.min() < 0 or images.max() >= vocab_size:
     raise file_format.CodecError(
         f'image values must lie in 0..{vocab_size - 1} (the model\'s vocab_size), got '
