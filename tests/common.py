@@ -149,6 +149,17 @@ def read_only(path):
     subprocess.run(['umount', str(path)], check=True)
 
 
+def mount_tmpfs(path, options):
+  """Mounts a tmpfs with `options` (e.g. 'size=64k') at the new folder `path`; skips the
+  test where that is not allowed. The test unmounts it."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
+                        capture_output=True)
+  if done.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
+
+
 def assert_trees_equal(a, b):
   import numpy as np  # pylint: disable=g-import-not-at-top
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)

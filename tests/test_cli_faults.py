@@ -320,6 +320,24 @@ def test_an_output_is_written_whole_and_replaced_only_when_asked(tmp_path):
   assert sorted(os.listdir(folder)) == ['000000.png', '000001.png']
 
 
+def test_a_full_disk_while_writing_the_output_names_output(tmp_path):
+  disk = tmp_path / 'disk'
+  common.mount_tmpfs(disk, 'size=64k')
+  try:
+    for name, folder in (('x.vdmc', False), ('pngs', True)):
+      output = paths.Output(str(disk / name), folder=folder, overwrite=False, example='x')
+      with pytest.raises(file_format.CodecError,
+                         match=rf'--output={disk / name} cannot be written: the disk holding '
+                         rf'{disk} is full \(No space left on device\); nothing was written '
+                         r'there. Free space, or choose another --output.'):
+        with output.writing() as tmp:
+          with open(os.path.join(tmp, 'a.png') if folder else tmp, 'wb') as f:
+            f.write(b'\0' * (1 << 20))
+      assert os.listdir(disk) == []
+  finally:
+    subprocess.run(['umount', str(disk)])
+
+
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
   (tmp_path / 'ro').mkdir()
   with common.read_only(tmp_path / 'ro'):
