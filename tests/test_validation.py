@@ -48,6 +48,8 @@ def test_the_shipped_configs_are_valid():
      'config.training.max_skipped_fraction = 1.5: must be in [0, 1]'),
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
     ({'model.p_drop': 1.0}, 'config.model.p_drop = 1.0: must be in [0, 1)'),
+    ({'training.storage_timeout': 0.001}, 'config.training.storage_timeout = 0.001: must '
+     'be ≥ 1 (seconds)'),
 ])
 def test_a_value_out_of_range_is_named_with_what_is_accepted(changes, expected):
   assert any(expected in e for e in _errors(**changes)), _errors(**changes)

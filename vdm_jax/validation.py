@@ -22,6 +22,9 @@ from vdm_jax.model import vdm
 from vdm_jax.training import optim
 
 DTYPES = ('float32', 'bfloat16')
+# training.storage_timeout's least value: orbax bounds a save in whole seconds, and the
+# lock's heartbeat (every third of the timeout) must get a refresh through within it.
+MIN_STORAGE_TIMEOUT = 1.0
 DECODES = ('argmax', 'draw')
 # Fields that change what the model computes or its parameters: a resumed workdir must
 # not silently continue with other values. How the model is computed or trained (remat,
@@ -170,9 +173,11 @@ def _check_values(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
-  if not t.storage_timeout > 0:
-    errors.append(f'config.training.storage_timeout = {t.storage_timeout}: must be > 0 '
-                  '(seconds).')
+  if not t.storage_timeout >= MIN_STORAGE_TIMEOUT:
+    errors.append(f'config.training.storage_timeout = {t.storage_timeout}: must be ≥ '
+                  f'{MIN_STORAGE_TIMEOUT:g} (seconds): the lock\'s heartbeat is refreshed '
+                  'every third of it, and a refresh or a save waits whole seconds; the '
+                  'default is 600.')
   errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
   errors += _check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
