@@ -108,6 +108,26 @@ def test_model_defining_fields_and_training_only_fields():
   assert '--allow_config_change' not in str(e.value)
 
 
+def test_resuming_names_what_a_changed_training_field_does_and_what_may_change():
+  saved = _config().to_dict()
+  assert validation.training_only_changes(saved, _config()) == []
+  changes = validation.training_only_changes(saved, _config(**{
+      'model.time_sampling': 'adaptive', 'model.p_drop': 0.2}))
+  assert changes[0] == 'model.time_sampling: saved \'antithetic\', now \'adaptive\': the ' \
+      "adaptive proposal's averages per γ bin (docs/maths.md §11.5), kept in every " \
+      "checkpoint, continue as saved: they are updated only while time_sampling = " \
+      "'adaptive' (a run that never used it has all zeros, and its proposal starts uniform)"
+  assert changes[1] == 'model.p_drop: saved 0.1, now 0.2'
+  assert 'start afresh at zero' in validation.training_only_changes(
+      saved, _config(**{'model.adaptive_bins': 7}))[0]
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check_resumed_config(saved, _config(**{'model.prediction': 'v'}))
+  assert ("model.prediction: saved 'eps', now 'v' (the network was trained to output the "
+          'saved target)') in str(e.value)
+  assert 'Fields that may change between runs: model.remat' in str(e.value)
+  assert 'model.time_sampling, model.adaptive_bins' in str(e.value)
+
+
 @pytest.mark.parametrize('changes,expected', [
     ({'model.prediction': 'x0'}, "config.model.prediction = 'x0' is not one of 'eps', 'v'"),
     ({'model.time_sampling': 'importance'}, "config.model.time_sampling = 'importance' is not "

@@ -35,6 +35,22 @@ _NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid
                        'adaptive_bins', 'adaptive_decay', 'adaptive_uniform', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
+TRAINING_ONLY = tuple(f'model.{k}' for k in _NOT_MODEL_DEFINING)
+_ADAPTIVE = ("the adaptive proposal's averages per γ bin (docs/maths.md §11.5), kept in "
+             'every checkpoint')
+# What a change of a training-only field on resuming does, where it is not plain.
+_RESUME_NOTES = {
+    'model.time_sampling': f'{_ADAPTIVE}, continue as saved: they are updated only while '
+                           "time_sampling = 'adaptive' (a run that never used it has all zeros, "
+                           'and its proposal starts uniform)',
+    'model.adaptive_bins': f'{_ADAPTIVE}, start afresh at zero with the new bins',
+    'model.adaptive_decay': f'{_ADAPTIVE}, continue as saved at the new decay',
+    'model.weighting': f'{_ADAPTIVE} hold the old weighting\'s integrand until they decay',
+}
+# A model-defining field whose change needs more than its name.
+_REFUSAL_NOTES = {
+    'model.prediction': 'the network was trained to output the saved target',
+}
 
 
 class ConfigError(errors.InputError, ValueError):
@@ -354,7 +370,19 @@ def check_resumed_config(saved: dict, config, allow: bool = False,
   """Refuses a workdir whose saved config defines another model; returns the differences."""
   diffs = config_difference(saved, config)
   if diffs and not allow:
+    noted = [d + (f' ({_REFUSAL_NOTES[d.split(":")[0]]})' if d.split(':')[0] in
+                  _REFUSAL_NOTES else '') for d in diffs]
     raise ConfigError(
         ['this workdir holds a model defined differently from the current config:']
-        + diffs + [f'Use the saved config (config.json in the workdir), another --workdir{hint}.'])
+        + noted + [f'Use the saved config (config.json in the workdir), another '
+                   f'--workdir{hint}. (Fields that may change between runs: '
+                   f'{", ".join(TRAINING_ONLY)}, and the fields outside config.model but '
+                   'data.dataset and data.augment.)'])
   return diffs
+
+
+def training_only_changes(saved: dict, config) -> list[str]:
+  """The training-only model fields that differ from the saved config, each with what
+  the change does to a resumed run where that is not plain (logged on resuming)."""
+  return [d + (f': {_RESUME_NOTES[d.split(":")[0]]}' if d.split(':')[0] in _RESUME_NOTES
+               else '') for d in config_difference(saved, config, TRAINING_ONLY)]

@@ -9,6 +9,7 @@ written on 8 devices restores on 1 and vice versa.
 """
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -132,24 +133,27 @@ def _restore_target(abstract_state: Any, saved: Optional[dict], resettable: tupl
 
   A resettable field (training bookkeeping such as the adaptive proposal's averages) that
   the checkpoint lacks, or holds with other shapes, is left out of the target, or taken
-  with the saved shapes, and then replaced by zeros of the expected shapes.
+  with the saved shapes, and then replaced by zeros of the expected shapes. Every other
+  field keeps the state's own tree (optax's tuples and named tuples included).
   """
   if saved is None:
     return abstract_state, ()
-  target = flax.serialization.to_state_dict(abstract_state)
+  # The state's fields, one level deep: each keeps its own tree.
+  target = {f.name: getattr(abstract_state, f.name)
+            for f in dataclasses.fields(abstract_state)}
   reset = []
   for name in resettable:
-    if getattr(abstract_state, name, None) is None:
+    field = target.get(name)
+    if field is None:
       continue
-    expected = _shapes(flax.serialization.to_state_dict(getattr(abstract_state, name)))
     if name not in saved:  # written before the field existed
       del target[name]
     elif saved[name] is None:  # written empty
       target[name] = None
-    elif _shapes(saved[name]) != expected:
-      sharding = jax.tree.leaves(abstract_state)[0].sharding
-      target[name] = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name])
+    elif _shapes(saved[name]) != _shapes(flax.serialization.to_state_dict(field)):
+      sharding = jax.tree.leaves(field)[0].sharding
+      target[name] = flax.serialization.from_state_dict(field, jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name]))
     else:
       continue
     reset.append(name)
@@ -202,12 +206,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
     state = restored['state']
     if reset:
-      logging.warning('The checkpoint at step %d holds no %s of the expected shapes; '
-                      'it starts afresh.', step, ', '.join(reset))
-      fresh = {name: flax.serialization.to_state_dict(_zeros(getattr(abstract_state, name)))
-               for name in reset}
-      state = flax.serialization.from_state_dict(
-          abstract_state, {**{k: v for k, v in state.items() if k not in reset}, **fresh})
+      logging.warning('The checkpoint at step %d holds no %s of the expected shapes (the '
+                      'adaptive proposal\'s averages per γ bin: model.adaptive_bins changed, '
+                      'or the checkpoint has none); they start afresh at zero.', step,
+                      ', '.join(reset))
+      fresh = {name: _zeros(getattr(abstract_state, name)) for name in reset}
+      state = abstract_state.replace(**{**state, **fresh})
     return state
   if steps:
     raise CheckpointError(

@@ -187,6 +187,8 @@ def _start(run, wd, manager, allow_config_change: bool):
   steps = wd.checkpoint_steps()
   if saved is not None and steps:
     validation.check_resumed_config(saved, config, allow=allow_config_change)
+    for change in validation.training_only_changes(saved, config):
+      logging.warning('Resuming with a training-only field changed, %s.', change)
   if steps and steps[-1] > config.training.num_steps:
     raise validation.ConfigError([
         f'config.training.num_steps = {config.training.num_steps} is below the step of the '
