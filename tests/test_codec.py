@@ -3,6 +3,7 @@ trips of bits-back, mixed and conventional files and of the previous format, eve
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
+import dataclasses
 import functools
 import math
 import pathlib
@@ -273,6 +274,40 @@ def test_altered_payload_with_a_valid_checksum_never_gives_wrong_images(files, k
     altered[position] ^= 0x01
     with pytest.raises(file_format.CodecError):
       compressor.decompress(model, params, _with_checksum(bytes(altered), original))
+
+
+def _forged(data: bytes, **changes) -> bytes:
+  """`data` with header fields changed and a valid checksum, as a forger would write it."""
+  header, payload = file_format.unpack(data)
+  return file_format.pack(dataclasses.replace(header, **changes), payload)
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_a_forged_header_with_a_valid_checksum_is_refused(files, kind):
+  """Each header field checked against what the file holds before it sizes an array or
+  picks a branch: a CodecError saying what is inconsistent, never an IndexError,
+  ZeroDivisionError, MemoryError or a shape error of the network."""
+  data = files[1][kind]
+  model, params = tiny_model()
+  header, _ = file_format.unpack(data)
+  n, k, (h, w, c) = header.num_images, header.conventional_images, header.image_shape
+  forgeries = {
+      'image_shape': [(h, w, 0), (h, w, 2), (h, w, 5), (0, w, c), (10**6, 10**6, c)],
+      'conventional_images': [k + 1, k - 1] if k else [],
+      'vocab_size': [0, 1, 5, 1000],
+      'conventional_bytes': [header.conventional_bytes + 1] + ([0] if k else [1]),
+      'conventional': [0, 9] if k else [1],
+  }
+  if header.bits_back_images:
+    forgeries.update(timesteps=[0], resolution=[0], support=[0], batch_size=[0],
+                     seed_words=[10**9], untouched_words=[header.seed_words + 1],
+                     group_sizes=[(0, n - k)])
+  for name, values in forgeries.items():
+    for value in values:
+      with pytest.raises(file_format.CodecError) as e:
+        compressor.decompress(model, params, _forged(data, **{name: value}))
+      assert isinstance(e.value, (file_format.CorruptFileError,
+                                  file_format.DecodeCheckError)), (name, value, e.value)
 
 
 def test_other_environment_is_refused(files, monkeypatch):

@@ -17,6 +17,7 @@ import math
 import time
 from typing import Optional
 
+import flax
 import numpy as np
 import tqdm
 
@@ -255,6 +256,10 @@ def _decode_bits_back(model, params, header, payload, allow_other_environment, t
   file_format.check_model(header, file_format.config_hash(model.config),
                           file_format.params_hash(params), step, settings,
                           _tables_digest(tabs), allow_other_environment)
+  if header.vocab_size != int(model.config.vocab_size):  # config.model agrees: altered
+    raise file_format.CorruptFileError(
+        f'The header is inconsistent: {header.vocab_size} values per sub-pixel, but its '
+        f'model (config fingerprint) has vocab_size {model.config.vocab_size}.')
   dims = math.prod(header.image_shape)
   options = compiler.compiler_options() if header.version >= 2 else None
   net = coder.Network(model, params, header.image_shape, header.vocab_size, gamma[0],
@@ -271,6 +276,10 @@ def _decode_bits_back(model, params, header, payload, allow_other_environment, t
       flat = coder.decode_images(ans, net, tabs, header.group_sizes, dims,
                                  header.vocab_size, header.batch_size, header.first_images,
                                  advance)
+    except flax.errors.ScopeParamShapeError as e:
+      raise file_format.CorruptFileError(
+          f'The header is inconsistent: images of {header.image_shape[-1]} channel(s), '
+          'which the parameters of its model (fingerprint) do not take.') from e
     except (file_format.CodecError, ValueError) as e:
       raise file_format.DecodeCheckError(
           f'Decoding diverged from the encoder ({e}): the network outputs here differ '

@@ -31,6 +31,7 @@ import jaxlib
 import numpy as np
 
 from vdm_jax import errors
+from vdm_jax.codec import conventional
 
 MAGIC = b'VDMC'
 VERSION = 2
@@ -285,7 +286,44 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
                                    or sum(header.group_sizes) != n - k
                                    or len(payload) % 4)):
     raise CorruptFileError('The header is inconsistent (image or group counts).')
+  _check_header(header, len(payload))
   return header, payload
+
+
+MAX_VALUES = 2**31 - 1  # N·H·W·C: more than any file of this codec holds
+
+
+def _check_header(h: Header, payload_bytes: int) -> None:
+  """Raises CorruptFileError naming the first field (its checksum valid) that the file
+  cannot hold, before the field sizes an array or picks a branch of the decoder."""
+  n, (height, width, c), v, k = h.num_images, h.image_shape, h.vocab_size, h.conventional_images
+  raw_bytes = k * height * width * c * (2 if v > 256 else 1)
+  bits_back = (h.timesteps, h.resolution, h.first_resolution, h.support, h.batch_size,
+               *h.group_sizes) if n > k else (1,)
+  most_seed = 64 * (n - k) * height * width * c + 1024  # far above what the encoder uses
+  problem = next((text for bad, text in (
+      (min(height, width, c) < 1 or n * height * width * c > MAX_VALUES,
+       f'{n} images of {height}x{width}x{c} (each side ≥ 1, N·H·W·C ≤ {MAX_VALUES})'),
+      (v < 2, f'{v} values per sub-pixel (at least 2)'),
+      (not k and (h.conventional or h.conventional_bytes),
+       'a conventional method or length without conventional images'),
+      (k and h.conventional not in conventional.NAMES,
+       f'conventional method {h.conventional}'),
+      (k and h.conventional != conventional.RAW and (c not in conventional.MODES or v > 256),
+       f'{c} channel(s) of {v} values in a WebP or PNG picture'),
+      (k and h.conventional == conventional.RAW and h.conventional_bytes != raw_bytes,
+       f'{h.conventional_bytes} raw bytes for {k} images ({raw_bytes} expected)'),
+      (k and not 1 <= h.conventional_bytes <= payload_bytes,
+       f'{h.conventional_bytes} conventional bytes in a payload of {payload_bytes}'),
+      (n == k and h.conventional_bytes != payload_bytes,
+       f'{h.conventional_bytes} conventional bytes, but a payload of {payload_bytes}'),
+      (min(bits_back) < 1, 'T, a resolution, the support, the network batch or a group '
+       'size below 1'),
+      (n > k and not h.untouched_words <= h.seed_words <= most_seed,
+       f'{h.seed_words} seed words ({h.untouched_words} untouched) for {n - k} images'),
+  ) if bad), None)
+  if problem:
+    raise CorruptFileError(f'The header is inconsistent: {problem}.')
 
 
 # ------------------------------------------------------------------ version 1
@@ -315,12 +353,14 @@ def _unpack_v1(data: bytes) -> tuple[Header, bytes]:
     raise CorruptFileError('The payload was altered (its checksum does not match).')
   if not groups or sum(groups) != f[10]:
     raise CorruptFileError('The group sizes do not add up to N.')
-  return Header(
+  header = Header(
       version=1, config_hash=f[2], params_hash=f[3], table_hash=f[4], timesteps=f[5],
       resolution=f[6], first_resolution=f[7], first_images=f[8], support=f[9],
       num_images=f[10], image_shape=tuple(f[11:14]), vocab_size=f[14], batch_size=f[15],
       seed_words=f[16], untouched_words=f[17], images_hash=f[20], group_sizes=groups,
-      environment=digest(env)), payload
+      environment=digest(env))
+  _check_header(header, len(payload))
+  return header, payload
 
 
 # ------------------------------------------------------------------ checks
