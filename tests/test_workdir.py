@@ -152,6 +152,24 @@ def _wait_for(condition, seconds: float = 10.0) -> bool:
   return True
 
 
+def test_a_block_stuck_past_a_lock_problem_is_stopped_by_the_watchdog(tmp_path, monkeypatch):
+  """on_lost is called once the problem has lasted min(timeout, LOST_GRACE_SECONDS) and
+  the block still runs (as if blocked on the storage); never while the lock is fine."""
+  def full_disk(self, data):
+    raise OSError(28, 'No space left on device')
+  timeout, calls = 0.3, []
+  lost = lambda message: calls.append((time.monotonic(), message))
+  with workdir_lock.hold(workdir_lib.Workdir(tmp_path), timeout=timeout, on_lost=lost):
+    time.sleep(4 * timeout)
+    assert calls == []  # refreshed all along
+    monkeypatch.setattr(workdir_lock._LocalLock, 'refresh', full_disk)  # pylint: disable=protected-access
+    failing = time.monotonic()
+    assert _wait_for(lambda: calls)
+  (at, message), = calls
+  assert 2 * timeout - 0.1 <= at - failing <= 2 * timeout + 1.0  # the problem, then grace
+  assert 'has not answered' in message and 'stopped from the lock\'s watchdog' in message
+
+
 def test_a_lock_left_unrefreshed_for_the_timeout_is_a_problem_until_it_is_refreshed(
     tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_lock, 'HEARTBEAT_SECONDS', 0.05)
