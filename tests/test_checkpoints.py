@@ -1,7 +1,11 @@
 """Tests of vdm_jax.runtime.checkpoints: save, restore the newest good one, name mismatches."""
 
+import asyncio
 import dataclasses
+import gc
 import os
+import sys
+import warnings
 
 import flax
 import jax
@@ -79,6 +83,41 @@ def test_damaged_newest_is_skipped_and_set_aside_only_by_its_owner(tmp_path, set
   np.testing.assert_array_equal(state.opt_state[0].mu['w'], np.ones(3))
   names = sorted(os.listdir(wd.checkpoint_dir))
   assert names == (['1', '2.damaged'] if set_aside else ['1', '2'])
+
+
+def test_a_failed_restore_leaves_no_reads_for_the_collector_to_report(tmp_path, monkeypatch):
+  """A restore that fails with reads pending (coroutines, one suspended, the others never
+  awaited, in a reference cycle as orbax's are) falls back without a warning or an
+  "Exception ignored" then or at any later collection."""
+  wd = workdir_lib.Workdir(tmp_path)
+  _save_steps(wd, [1, 2])
+  restore = checkpoints.ocp.CheckpointManager.restore
+
+  async def read():
+    try:
+      await asyncio.sleep(3600)
+    finally:
+      await asyncio.sleep(0)  # a read that cleans up asynchronously: its close raises
+
+  def failing(self, step, *args, **kwargs):
+    if step != 2:
+      return restore(self, step, *args, **kwargs)
+    pending = [read() for _ in range(3)]
+    pending[0].send(None)  # started, suspended in its sleep
+    pending.append(pending)  # a cycle: only the collector frees it
+    raise ValueError('DATA_LOSS: a read failed')
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, 'restore', failing)
+  logged = []  # formatted at once: pytest's log capture would keep the error alive
+  monkeypatch.setattr(checkpoints.logging, 'error', lambda m, *a: logged.append(m % a))
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  with warnings.catch_warnings(record=True) as warned:
+    warnings.simplefilter('always')
+    state = _restore(wd, set_aside=False)
+    gc.collect()
+  assert int(state.step) == 1 and 'DATA_LOSS: a read failed' in logged[0]
+  assert reported == [] and [str(w.message) for w in warned] == []
 
 
 def test_all_damaged_is_an_error_that_changes_nothing(tmp_path):

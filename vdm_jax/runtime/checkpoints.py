@@ -10,8 +10,12 @@ written on 8 devices restores on 1 and vice versa.
 
 import contextlib
 import dataclasses
+import gc
+import inspect
 import math
+import sys
 from typing import Any, Optional
+import warnings
 
 from absl import logging
 import flax
@@ -199,7 +203,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
                     'trying the previous one.', step, manager.directory,
                     type(e).__name__, e)
+      restored = None
+    if restored is None:
       damaged.append(step)
+      _collect_quietly()
       continue
     if set_aside:
       _set_aside(manager, damaged)
@@ -219,6 +226,31 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
         '(each error is logged above); nothing was changed. Restore the folder from a '
         'copy, or move it aside to start afresh.')
   return None
+
+
+def _collect_quietly() -> None:
+  """Finalises now, and without a word, the reads that a failed restore left behind.
+
+  When one read of a restore fails, orbax's other reads (coroutines, some never
+  awaited) stay referenced from cycles through the error's traceback. Whenever the
+  garbage collector later finds them, each prints a warning or an "Exception ignored
+  in: <coroutine …>" traceback (hundreds for a model's arrays, or none: it depends on
+  when the collector runs). Collected here, with the process's hooks for exactly that
+  quieted, the fallback to the previous checkpoint says only what the log says.
+  """
+  previous = sys.unraisablehook
+
+  def hook(info):
+    if not inspect.iscoroutine(info.object):
+      previous(info)
+
+  sys.unraisablehook = hook
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', r'coroutine .* was never awaited', RuntimeWarning)
+      gc.collect()
+  finally:
+    sys.unraisablehook = previous
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
