@@ -204,9 +204,28 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_root(root: str) -> None:
+  """Raises SweepError, as vdm_jax.main words it for --workdir, where --root cannot hold
+  the sweep: a bucket missing or unreachable, or a local path under a file."""
+  if root.startswith('gs://'):
+    from vdm_jax.runtime import gcs  # imports no JAX
+    try:
+      gcs.check_access(root, flag='--root')
+    except gcs.StorageError as e:
+      raise SweepError(str(e)) from e
+    return
+  folder = os.path.abspath(root)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise SweepError(f'--root={root}: {folder} is a file, not a folder; choose another '
+                     '--root (or move the file aside).')
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
+    check_root(args.root)
     if args.collect:
       points = find_points(args.root)
       if not points:

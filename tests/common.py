@@ -132,6 +132,34 @@ def params_of(workdir, config, which='params'):
   return jax.tree.map(lambda x: __import__('numpy').asarray(x), getattr(state, which))
 
 
+@__import__('contextlib').contextmanager
+def read_only(path):
+  """Bind-mounts `path` on itself read-only for the block; skips the test where that is
+  not allowed."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  for command in (['mount', '--bind', str(path), str(path)],
+                  ['mount', '-o', 'remount,ro,bind', str(path)]):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+      subprocess.run(['umount', str(path)], capture_output=True)
+      pytest.skip(f'cannot make a read-only mount here: {done.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', str(path)], check=True)
+
+
+def mount_tmpfs(path, options):
+  """Mounts a tmpfs with `options` (e.g. 'size=64k') at the new folder `path`; skips the
+  test where that is not allowed. The test unmounts it."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
+                        capture_output=True)
+  if done.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
+
+
 def assert_trees_equal(a, b):
   import numpy as np  # pylint: disable=g-import-not-at-top
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)

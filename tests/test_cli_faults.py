@@ -320,28 +320,33 @@ def test_an_output_is_written_whole_and_replaced_only_when_asked(tmp_path):
   assert sorted(os.listdir(folder)) == ['000000.png', '000001.png']
 
 
-def _read_only(path):
-  """Bind-mounts `path` on itself read-only; skips the test where that is not allowed."""
-  for command in (['mount', '--bind', str(path), str(path)],
-                  ['mount', '-o', 'remount,ro,bind', str(path)]):
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-      subprocess.run(['umount', str(path)], capture_output=True)
-      pytest.skip(f'cannot make a read-only mount here: {done.stderr.strip()}')
+def test_a_full_disk_while_writing_the_output_names_output(tmp_path):
+  disk = tmp_path / 'disk'
+  common.mount_tmpfs(disk, 'size=64k')
+  try:
+    for name, folder in (('x.vdmc', False), ('pngs', True)):
+      output = paths.Output(str(disk / name), folder=folder, overwrite=False, example='x')
+      with pytest.raises(file_format.CodecError,
+                         match=rf'--output={disk / name} cannot be written: the disk holding '
+                         rf'{disk} is full \(No space left on device\); nothing was written '
+                         r'there. Free space, or choose another --output.'):
+        with output.writing() as tmp:
+          with open(os.path.join(tmp, 'a.png') if folder else tmp, 'wb') as f:
+            f.write(b'\0' * (1 << 20))
+      assert os.listdir(disk) == []
+  finally:
+    subprocess.run(['umount', str(disk)])
 
 
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
   (tmp_path / 'ro').mkdir()
-  _read_only(tmp_path / 'ro')
-  try:
+  with common.read_only(tmp_path / 'ro'):
     output = paths.Output(str(tmp_path / 'ro' / 'x.vdmc'), folder=False, overwrite=False,
                           example='x')
     with pytest.raises(file_format.CodecError,
                        match=r'--output=.*x\.vdmc cannot be written: Read-only file system'):
       with output.writing():
         pytest.fail('the work started')
-  finally:
-    subprocess.run(['umount', str(tmp_path / 'ro')])
 
 
 # -------------------------------------------------------- every field validated
@@ -418,13 +423,10 @@ def test_a_refused_run_leaves_config_json_and_every_file_as_it_was(workdir, tmp_
   resume = ['--config.training.num_steps=8']
   _refused(tmp_path, workdir, *resume, '--config.optimizer.learning_rate=nan',
            expect=['config.optimizer.learning_rate = nan: must be a finite number'])
-  _read_only(workdir / 'checkpoints')
-  try:
+  with common.read_only(workdir / 'checkpoints'):
     _refused(tmp_path, workdir, *resume,
              expect=[f'cannot write to {workdir / "checkpoints"}', 'Read-only file system',
                      'nothing in it was changed'])
-  finally:
-    subprocess.run(['umount', str(workdir / 'checkpoints')])
 
 
 @pytest.mark.slow

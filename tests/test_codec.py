@@ -3,9 +3,11 @@ trips of bits-back, mixed and conventional files and of the previous format, eve
 error a file can raise, and the rate against the entropy coder's own accounting and
 against the discrete-time bound."""
 
+import dataclasses
 import functools
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from vdm_jax.codec import coder
 from vdm_jax.codec import compressor
 from vdm_jax.codec import conventional
 from vdm_jax.codec import file_format
+from vdm_jax.codec import fingerprints
 from vdm_jax.codec import images as codec_images
 from vdm_jax.codec import tables
 from vdm_jax.codec import tools as codec_tools
@@ -165,7 +168,7 @@ def test_stacked_words_round_trip(length):
 
 def test_a_zero_top_word_gets_a_word_above():
   # The bytes whose whitened first word is 0: the stack needs a non-zero top word.
-  data = file_format.seed_words(1, compressor._WHITENING).astype('<u4').tobytes()
+  data = fingerprints.seed_words(1, compressor._WHITENING).astype('<u4').tobytes()
   words = compressor.stacked_words(data)
   assert list(words) == [0, 1] and compressor.unstacked_bytes(words, 4) == data
 
@@ -306,6 +309,40 @@ def test_altered_payload_with_a_valid_checksum_never_gives_wrong_images(files, k
       compressor.decompress(model, params, _with_checksum(bytes(altered), original))
 
 
+def _forged(data: bytes, **changes) -> bytes:
+  """`data` with header fields changed and a valid checksum, as a forger would write it."""
+  header, payload = file_format.unpack(data)
+  return file_format.pack(dataclasses.replace(header, **changes), payload)
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_a_forged_header_with_a_valid_checksum_is_refused(files, kind):
+  """Each header field checked against what the file holds before it sizes an array or
+  picks a branch: a CodecError saying what is inconsistent, never an IndexError,
+  ZeroDivisionError, MemoryError or a shape error of the network."""
+  data = files[1][kind]
+  model, params = tiny_model()
+  header, _ = file_format.unpack(data)
+  n, k, (h, w, c) = header.num_images, header.conventional_images, header.image_shape
+  forgeries = {
+      'image_shape': [(h, w, 0), (h, w, 2), (h, w, 5), (0, w, c), (10**6, 10**6, c)],
+      'conventional_images': [k + 1, k - 1] if k else [],
+      'vocab_size': [0, 1, 5, 1000],
+      'conventional_bytes': [header.conventional_bytes + 1] + ([0] if k else [1]),
+      'conventional': [0, 9] if k else [1],
+  }
+  if header.bits_back_images:
+    forgeries.update(timesteps=[0], resolution=[0], support=[0], batch_size=[0],
+                     seed_words=[10**9], untouched_words=[header.seed_words + 1],
+                     group_sizes=[(0, n - k)])
+  for name, values in forgeries.items():
+    for value in values:
+      with pytest.raises(file_format.CodecError) as e:
+        compressor.decompress(model, params, _forged(data, **{name: value}))
+      assert isinstance(e.value, (file_format.CorruptFileError,
+                                  file_format.DecodeCheckError)), (name, value, e.value)
+
+
 def test_other_environment_is_refused(files, monkeypatch):
   _, data = files
   model, params = tiny_model()
@@ -334,6 +371,10 @@ def test_bad_images_are_refused():
     compressor.compress(model, params, np.full((1, 4, 4, 1), 17, np.uint8), timesteps=T)
   with pytest.raises(file_format.CodecError, match=r'\[N, H, W, C\]'):
     compressor.compress(model, params, np.zeros((4, 4, 1), np.uint8), timesteps=T)
+  for shape in ((2, 0, 8, 1), (2, 8, 0, 1), (0, 8, 8, 1), (2, 8, 8, 0)):
+    with pytest.raises(file_format.CodecError, match=r'non-empty .*\[N, H, W, C\] \(each of '
+                       rf'N, H, W, C at least 1\), got uint8 {re.escape(str(shape))}'):
+      compressor.compress(model, params, np.zeros(shape, np.uint8), timesteps=T)
 
 
 # ------------------------------------------------------------------ rates

@@ -63,6 +63,44 @@ def test_an_unreadable_cached_network_is_trained_again(tmp_path, monkeypatch):
   assert calls == [1] and cached.info['fingerprint'] == first.info['fingerprint']
 
 
+def test_a_damaged_cached_network_that_still_parses_is_trained_again(tmp_path, monkeypatch):
+  """Bits flipped in the parameters' floats, or the cached accuracy edited: both files
+  still parse, and only the checksum written with them tells."""
+  cfg = _config(tmp_path, steps=10)
+  first = feature_net.load_or_train(cfg)
+  (folder,) = (tmp_path / 'feature_networks').iterdir()
+  good = {name: (folder / name).read_bytes() for name in ('params.msgpack', 'info.json')}
+  flipped = bytearray(good['params.msgpack'])
+  for i in (-5, -9, -13):  # low bits of the last float32s of the last kernel
+    flipped[i] ^= 0x01
+  edited = good['info.json'].replace(b'"test_accuracy": 0.', b'"test_accuracy": 1.')
+  assert edited != good['info.json']
+  calls = []
+  train = feature_net.train
+  monkeypatch.setattr(feature_net, 'train', lambda *a: calls.append(1) or train(*a))
+  for name, damaged in (('params.msgpack', bytes(flipped)), ('info.json', edited)):
+    (folder / name).write_bytes(damaged)
+    if name == 'params.msgpack':  # still readable: only its content changed
+      serialization.msgpack_restore(damaged)
+    again = feature_net.load_or_train(cfg)
+    assert serialization.to_bytes(again.params) == serialization.to_bytes(first.params)
+    timeless = lambda info: {k: v for k, v in info.items() if k != 'train_seconds'}
+    assert timeless(again.info) == timeless(first.info)
+    assert (folder / 'params.msgpack').read_bytes() == good['params.msgpack']  # rewritten
+  assert len(calls) == 2
+  assert timeless(feature_net.load_or_train(cfg).info) == timeless(first.info)
+  assert len(calls) == 2  # the rewritten cache passes the check
+
+
+def test_a_read_only_cache_that_holds_the_network_is_used(tmp_path, monkeypatch):
+  cfg = _config(tmp_path, steps=10)
+  first = feature_net.load_or_train(cfg)
+  monkeypatch.setattr(feature_net, 'train', lambda *a: pytest.fail('trained again'))
+  with common.read_only(tmp_path):
+    again = feature_net.load_or_train(cfg)
+  assert serialization.to_bytes(again.params) == serialization.to_bytes(first.params)
+
+
 def test_a_cache_folder_that_cannot_be_written_names_the_field(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')

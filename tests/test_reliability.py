@@ -715,12 +715,7 @@ def test_config_and_flag_faults_are_messages(tmp_path):
   assert not run.exists()  # eval, and the refused runs, create nothing
 
 
-def _mount_tmpfs(path, options):
-  path.mkdir()
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
-                        capture_output=True)
-  if done.returncode:
-    pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
+_mount_tmpfs = common.mount_tmpfs
 
 
 def test_read_only_workdir_is_a_message(tmp_path):

@@ -154,6 +154,21 @@ def test_print_mode_writes_one_command_per_point(tmp_path, capsys):
   assert rc == 2
 
 
+def test_a_root_that_cannot_hold_the_sweep_is_a_message(tmp_path, capsys, gcs_bucket):
+  (tmp_path / 'file').write_text('')
+  grid = [f'--config={REPO}/configs/test.py', '--product', 'model.timesteps=0',
+          '--mode=print']
+  for root, expected in ((tmp_path / 'file' / 'r', f'--root={tmp_path / "file" / "r"}: '
+                          f'{tmp_path / "file"} is a file, not a folder; choose another'),
+                         ('gs://no-such-bucket/r', '--root=gs://no-such-bucket/r: the bucket '
+                          'gs://no-such-bucket does not exist. Create it')):
+    for mode in ([], ['--collect']):
+      assert sweep.main(grid + [f'--root={root}'] + mode) == 2
+      assert f'error: {expected}' in capsys.readouterr().err
+  assert os.listdir(tmp_path) == ['file']
+  assert sweep.main(grid + [f'--root={gcs_bucket}/sweep']) == 0
+
+
 @pytest.mark.slow
 def test_sweep_end_to_end(tmp_path):
   """Two points of configs/test.py, trained 2 steps and evaluated, two at a time."""

@@ -51,6 +51,8 @@ def test_the_shipped_configs_are_valid():
     ({'model.timesteps': -1}, 'config.model.timesteps = -1: must be ≥ 0'),
     ({'model.p_drop': 1.0}, 'config.model.p_drop = 1.0: must be in [0, 1)'),
     ({'model.second_order_weight': -0.1}, 'config.model.second_order_weight = -0.1: must be ≥ 0'),
+    ({'training.storage_timeout': 0.001}, 'config.training.storage_timeout = 0.001: must '
+     'be ≥ 1 (seconds)'),
 ])
 def test_a_value_out_of_range_is_named_with_what_is_accepted(changes, expected):
   assert any(expected in e for e in _errors(**changes)), _errors(**changes)
@@ -111,6 +113,26 @@ def test_model_defining_fields_and_training_only_fields():
   with pytest.raises(validation.ConfigError) as e:
     validation.check_resumed_config(saved, _config(**{'model.n_embd': 16}), hint='')
   assert '--allow_config_change' not in str(e.value)
+
+
+def test_resuming_names_what_a_changed_training_field_does_and_what_may_change():
+  saved = _config().to_dict()
+  assert validation.training_only_changes(saved, _config()) == []
+  changes = validation.training_only_changes(saved, _config(**{
+      'model.time_sampling': 'adaptive', 'model.p_drop': 0.2}))
+  assert changes[0] == 'model.time_sampling: saved \'antithetic\', now \'adaptive\': the ' \
+      "adaptive proposal's averages per γ bin (docs/maths.md §11.5), kept in every " \
+      "checkpoint, continue as saved: they are updated only while time_sampling = " \
+      "'adaptive' (a run that never used it has all zeros, and its proposal starts uniform)"
+  assert changes[1] == 'model.p_drop: saved 0.1, now 0.2'
+  assert 'start afresh at zero' in validation.training_only_changes(
+      saved, _config(**{'model.adaptive_bins': 7}))[0]
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check_resumed_config(saved, _config(**{'model.prediction': 'v'}))
+  assert ("model.prediction: saved 'eps', now 'v' (the network was trained to output the "
+          'saved target)') in str(e.value)
+  assert 'Fields that may change between runs: model.remat' in str(e.value)
+  assert 'model.time_sampling, model.adaptive_bins' in str(e.value)
 
 
 @pytest.mark.parametrize('changes,expected', [

@@ -29,6 +29,19 @@ def test_config_round_trip_and_garbled_config(tmp_path):
     wd.read_config()
 
 
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path, request, where):
+  root = tmp_path if where == 'local' else request.getfixturevalue('gcs_bucket') + '/config'
+  wd = workdir_lib.Workdir(root)
+  for content, kind in (('[1, 2]', 'list'), ('42', 'int'), ('"str"', 'str'), ('null', 'NoneType')):
+    (wd.path / 'config.json').write_text(content)
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=rf'config.json holds a JSON {kind}, not the object of config '
+                       'fields.*Restore it from a copy'):
+      wd.read_config()
+    assert (wd.path / 'config.json').read_text() == content
+
+
 def test_results_and_png_are_written_atomically(tmp_path):
   wd = workdir_lib.Workdir(tmp_path)
   wd.write_results({'bpd': 1.5}, step=7)
@@ -62,6 +75,10 @@ def test_create_and_require_name_what_is_wrong(tmp_path):
   assert not (tmp_path / 'missing').exists()  # nothing created
   workdir_lib.Workdir(tmp_path / 'a' / 'b').create()
   assert (tmp_path / 'a' / 'b').is_dir()
+  with pytest.raises(workdir_lib.WorkdirError, match=r'File name too long \(a name in that '
+                     'path is longer than the file system allows.*choose a shorter --workdir'):
+    workdir_lib.Workdir(tmp_path / ('x' * 256) / 'run').create()
+  assert sorted(os.listdir(tmp_path)) == ['a', 'file']
 
 
 # ------------------------------------------------------------------------ lock
@@ -133,6 +150,24 @@ def _wait_for(condition, seconds: float = 10.0) -> bool:
       return False
     time.sleep(0.02)
   return True
+
+
+def test_a_block_stuck_past_a_lock_problem_is_stopped_by_the_watchdog(tmp_path, monkeypatch):
+  """on_lost is called once the problem has lasted min(timeout, LOST_GRACE_SECONDS) and
+  the block still runs (as if blocked on the storage); never while the lock is fine."""
+  def full_disk(self, data):
+    raise OSError(28, 'No space left on device')
+  timeout, calls = 0.3, []
+  lost = lambda message: calls.append((time.monotonic(), message))
+  with workdir_lock.hold(workdir_lib.Workdir(tmp_path), timeout=timeout, on_lost=lost):
+    time.sleep(4 * timeout)
+    assert calls == []  # refreshed all along
+    monkeypatch.setattr(workdir_lock._LocalLock, 'refresh', full_disk)  # pylint: disable=protected-access
+    failing = time.monotonic()
+    assert _wait_for(lambda: calls)
+  (at, message), = calls
+  assert 2 * timeout - 0.1 <= at - failing <= 2 * timeout + 1.0  # the problem, then grace
+  assert 'has not answered' in message and 'stopped from the lock\'s watchdog' in message
 
 
 def test_a_lock_left_unrefreshed_for_the_timeout_is_a_problem_until_it_is_refreshed(

@@ -97,7 +97,8 @@ def _quiet_library_logs(verbose: bool) -> None:
 
 def _train(config):
   train.train_and_evaluate(config, FLAGS.workdir,
-                           allow_config_change=FLAGS.allow_config_change)
+                           allow_config_change=FLAGS.allow_config_change,
+                           on_storage_lost=reporting.stop_process)
   logging.info('Training finished.')
 
 

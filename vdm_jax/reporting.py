@@ -44,6 +44,15 @@ def exit_with(message: str, verbose: bool = False, exc: Optional[BaseException] 
   sys.exit(code)
 
 
+def stop_process(message: str) -> None:
+  """Prints `error: message` and ends the process at once with exit status 2, from any
+  thread (the lock's watchdog: the main thread may be blocked on the storage)."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  _exit_now(errors.INPUT_ERROR_EXIT_CODE)
+
+
 def _is_late_loop_callback(exc_type, exc, tb) -> bool:
   """A callback into an asyncio loop that was already closed (see quiet_late_callbacks)."""
   if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':

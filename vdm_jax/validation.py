@@ -11,10 +11,9 @@ from flax import traverse_util
 import jax
 
 from vdm_jax import config_base
+from vdm_jax import config_checks
 from vdm_jax.data import datasets
 from vdm_jax import errors
-from vdm_jax.evaluation import feature_net
-from vdm_jax.evaluation import ode
 from vdm_jax.model import multivariate
 from vdm_jax.model import networks
 from vdm_jax.model import schedules
@@ -23,6 +22,9 @@ from vdm_jax.model import vdm
 from vdm_jax.training import optim
 
 DTYPES = ('float32', 'bfloat16')
+# training.storage_timeout's least value: orbax bounds a save in whole seconds, and the
+# lock's heartbeat (every third of the timeout) must get a refresh through within it.
+MIN_STORAGE_TIMEOUT = 1.0
 DECODES = ('argmax', 'draw')
 # Fields that change what the model computes or its parameters: a resumed workdir must
 # not silently continue with other values. How the model is computed or trained (remat,
@@ -35,6 +37,22 @@ _NOT_MODEL_DEFINING = ('remat', 'attention_impl', 'dtype', 'weighting', 'sigmoid
                        'adaptive_uniform', 'p_drop')
 MODEL_DEFINING = tuple(f'model.{k}' for k in config_base.get_config().model
                        if k not in _NOT_MODEL_DEFINING) + ('data.dataset', 'data.augment')
+TRAINING_ONLY = tuple(f'model.{k}' for k in _NOT_MODEL_DEFINING)
+_ADAPTIVE = ("the adaptive proposal's averages per γ bin (docs/maths.md §11.5), kept in "
+             'every checkpoint')
+# What a change of a training-only field on resuming does, where it is not plain.
+_RESUME_NOTES = {
+    'model.time_sampling': f'{_ADAPTIVE}, continue as saved: they are updated only while '
+                           "time_sampling = 'adaptive' (a run that never used it has all zeros, "
+                           'and its proposal starts uniform)',
+    'model.adaptive_bins': f'{_ADAPTIVE}, start afresh at zero with the new bins',
+    'model.adaptive_decay': f'{_ADAPTIVE}, continue as saved at the new decay',
+    'model.weighting': f'{_ADAPTIVE} hold the old weighting\'s integrand until they decay',
+}
+# A model-defining field whose change needs more than its name.
+_REFUSAL_NOTES = {
+    'model.prediction': 'the network was trained to output the saved target',
+}
 
 
 class ConfigError(errors.InputError, ValueError):
@@ -50,11 +68,6 @@ def flatten(config) -> dict:
   """{'a.b': value} of a ConfigDict or dict; tuples and lists are leaves."""
   tree = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   return traverse_util.flatten_dict(tree, sep='.')
-
-
-def _choice(errors, name, value, accepted):
-  if value not in accepted:
-    errors.append(f'config.{name} = {value!r} is not one of {", ".join(map(repr, accepted))}.')
 
 
 def check_fields(config) -> list[str]:
@@ -78,18 +91,19 @@ def _check_values(config) -> list[str]:
                   + ', '.join(sorted(k.rsplit('.', 1)[-1] for k in known
                                      if k.rsplit('.', 1)[0] == key.rsplit('.', 1)[0])))
   m, t, o, d = config.model, config.training, config.optimizer, config.data
-  _choice(errors, 'data.dataset', d.dataset, datasets.DATASETS)
-  _choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES + (multivariate.NAME,))
-  _choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
-  _choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
-  _choice(errors, 'model.prediction', m.prediction, vdm.PREDICTIONS)
-  _choice(errors, 'model.time_sampling', m.time_sampling, time_sampling.TIME_SAMPLINGS)
-  _choice(errors, 'model.dtype', m.dtype, DTYPES)
-  _choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
-  _choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
-  _choice(errors, 'optimizer.weight_decay_mask', o.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
-  _choice(errors, 'sample.decode', config.sample.decode, DECODES)
-  _choice(errors, 'eval.split', config.eval.split, datasets.SPLITS)
+  choice = config_checks.choice
+  choice(errors, 'data.dataset', d.dataset, datasets.DATASETS)
+  choice(errors, 'model.schedule', m.schedule, schedules.SCHEDULES + (multivariate.NAME,))
+  choice(errors, 'model.schedule_endpoints', m.schedule_endpoints, schedules.ENDPOINTS)
+  choice(errors, 'model.weighting', m.weighting, vdm.WEIGHTINGS)
+  choice(errors, 'model.prediction', m.prediction, vdm.PREDICTIONS)
+  choice(errors, 'model.time_sampling', m.time_sampling, time_sampling.TIME_SAMPLINGS)
+  choice(errors, 'model.dtype', m.dtype, DTYPES)
+  choice(errors, 'model.attention_impl', m.attention_impl, networks.ATTENTION_IMPLS)
+  choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
+  choice(errors, 'optimizer.weight_decay_mask', o.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
+  choice(errors, 'sample.decode', config.sample.decode, DECODES)
+  choice(errors, 'eval.split', config.eval.split, datasets.SPLITS)
   if m.timesteps < 0:
     errors.append(f'config.model.timesteps = {m.timesteps}: must be ≥ 0 (0 = continuous '
                   'time, T > 0 = the discrete-time bound with T steps).')
@@ -131,7 +145,7 @@ def _check_values(config) -> list[str]:
                   "model.schedule = 'learned_nnet' and model.schedule_endpoints = 'pinned' "
                   f'(got {m.schedule!r}, {m.schedule_endpoints!r}): only a pinned shape '
                   'can follow the variance (docs/maths.md §4).')
-  errors += _check_time_sampling(m) + _check_multivariate(config)
+  errors += config_checks.check_time_sampling(m) + config_checks.check_multivariate(config)
   for name, value in (('training.batch_size', t.batch_size),
                       ('training.num_steps', t.num_steps),
                       ('training.steps_per_call', t.steps_per_call),
@@ -179,39 +193,17 @@ def _check_values(config) -> list[str]:
   if not 0.0 <= t.max_skipped_fraction <= 1.0:
     errors.append(f'config.training.max_skipped_fraction = {t.max_skipped_fraction}: must be '
                   'in [0, 1].')
-  if not t.storage_timeout > 0:
-    errors.append(f'config.training.storage_timeout = {t.storage_timeout}: must be > 0 '
-                  '(seconds).')
-  errors += _check_ode_fields(config) + _check_codec_fields(config.codec)
-  errors += _check_quality_fields(config)
+  if not t.storage_timeout >= MIN_STORAGE_TIMEOUT:
+    errors.append(f'config.training.storage_timeout = {t.storage_timeout}: must be ≥ '
+                  f'{MIN_STORAGE_TIMEOUT:g} (seconds): the lock\'s heartbeat is refreshed '
+                  'every third of it, and a refresh or a save waits whole seconds; the '
+                  'default is 600.')
+  errors += (config_checks.check_ode_fields(config)
+             + config_checks.check_codec_fields(config.codec))
+  errors += config_checks.check_quality_fields(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
-  return errors
-
-
-def _check_multivariate(config) -> list[str]:
-  """The mulan schedule's fields, and what does not work with it yet (docs/maths.md §13)."""
-  errors, m = [], config.model
-  if m.schedule != multivariate.NAME:
-    return errors
-  for name, low in (('mulan_latent_draws', 0), ('mulan_latent_classes', 2),
-                    ('mulan_hidden', 4)):
-    if not (isinstance(m[name], int) and m[name] >= low):
-      errors.append(f'config.model.{name} = {m[name]!r}: must be an integer ≥ {low}.')
-  if m.time_sampling == 'sigmoid':
-    errors.append("config.model.time_sampling = 'sigmoid' draws one noise level γ per "
-                  "image, which the mulan schedule does not have (each sub-pixel has its "
-                  "own); use 'adaptive' (a proposal over t, docs/maths.md §13.5), "
-                  "'antithetic' or 'uniform'.")
-  if m.second_order_weight:
-    errors.append(f'config.model.second_order_weight = {m.second_order_weight}: the '
-                  "second-order term takes one γ per image, which model.schedule = 'mulan' "
-                  'does not have; set it to 0.')
-  if config.eval.estimator == 'ode':
-    errors.append("config.eval.estimator = 'ode' is not available for model.schedule = "
-                  "'mulan' (the probability-flow ODE here takes one γ per image); use "
-                  "eval.estimator = 'bound'.")
   return errors
 
 
@@ -221,98 +213,6 @@ def refuse_unsupported_mode(config, mode: str) -> None:
     raise ConfigError([f"--mode={mode} does not support model.schedule = 'mulan' (the "
                        'codec codes one noise level per image; its latent would need '
                        'bits-back coding too): use a model with a scalar schedule.'])
-
-
-def _check_time_sampling(m) -> list[str]:
-  """The proposal's fields, and the combinations a γ-drawn estimator contradicts (§11.7)."""
-  errors = []
-  if not (isinstance(m.adaptive_bins, int) and m.adaptive_bins >= 1):
-    errors.append(f'config.model.adaptive_bins = {m.adaptive_bins!r}: must be an integer ≥ 1.')
-  if not 0.0 <= m.adaptive_decay < 1.0:
-    errors.append(f'config.model.adaptive_decay = {m.adaptive_decay}: must be in [0, 1).')
-  if not 0.0 < m.adaptive_uniform <= 1.0:
-    errors.append(f'config.model.adaptive_uniform = {m.adaptive_uniform}: must be in (0, 1] '
-                  '(the uniform share keeps the proposal density above zero).')
-  if m.time_sampling not in time_sampling.IN_GAMMA:
-    return errors
-  if m.schedule_variance_reduction:
-    errors.append(f'config.model.time_sampling = {m.time_sampling!r} draws the noise level '
-                  'γ itself, so the schedule\'s shape no longer changes the estimator\'s '
-                  'variance that model.schedule_variance_reduction = True trains it for '
-                  '(docs/maths.md §11.7); use time_sampling = \'antithetic\' with it, or '
-                  'turn it off.')
-  elif m.schedule == 'learned_nnet' and m.timesteps == 0:
-    errors.append(f'config.model.time_sampling = {m.time_sampling!r} in continuous time '
-                  '(model.timesteps = 0) draws γ itself: the learned_nnet schedule\'s '
-                  'shape between its ends would get no gradient and never train '
-                  '(docs/maths.md §11.7). Use model.schedule = \'learned_linear\' (its ends '
-                  'are all that matter there), a discrete-time model, or time_sampling = '
-                  '\'antithetic\'.')
-  return errors
-
-
-def _check_ode_fields(config) -> list[str]:
-  """eval.estimator and the probability-flow ODE's section (vdm_jax/evaluation/ode.py)."""
-  errors, o = [], config.ode
-  _choice(errors, 'eval.estimator', config.eval.estimator, ('bound', 'ode'))
-  _choice(errors, 'ode.solver', o.solver, ode.SOLVERS)
-  _choice(errors, 'ode.trace', o.trace, ode.TRACES)
-  _choice(errors, 'ode.probe', o.probe, ode.PROBES)
-  _choice(errors, 'ode.dequantisation', o.dequantisation, ode.DEQUANTISATIONS)
-  for name in ('rtol', 'atol'):
-    if not o[name] > 0:
-      errors.append(f'config.ode.{name} = {o[name]}: must be > 0 (e.g. 1e-5).')
-  if not 0.0 <= o.t_eps < 1.0:
-    errors.append(f'config.ode.t_eps = {o.t_eps}: must be in [0, 1) (e.g. 1e-5).')
-  for name in ('max_steps', 'num_probes', 'trace_chunk'):
-    if o[name] < 1:
-      errors.append(f'config.ode.{name} = {o[name]}: must be ≥ 1.')
-  if o.num_steps is not None and not 1 <= o.num_steps <= o.max_steps:
-    errors.append(f'config.ode.num_steps = {o.num_steps}: must be None (adaptive) or in '
-                  f'1..ode.max_steps = {o.max_steps}.')
-  if o.num_steps is None and o.solver == 'euler':
-    errors.append("config.ode.solver = 'euler' has no error estimate: set ode.num_steps "
-                  "or choose dopri5, tsit5 or heun.")
-  return errors
-
-
-def _check_codec_fields(c) -> list[str]:
-  """config.codec (vdm_jax/codec/compressor.py): positive, within 32 bits for T and
-  first_images and 16 bits for the others, bounds no useful setting reaches."""
-  errors = []
-  for name, low, high in (('timesteps', 1, 2**32 - 1), ('batch_size', 1, 2**16 - 1),
-                          ('first_group', 1, None), ('resolution', 1, 2**16 - 1),
-                          ('first_resolution', 1, 2**16 - 1),
-                          ('first_images', 0, 2**32 - 1), ('support', 1, 2**16 - 1)):
-    if c[name] < low or (high is not None and c[name] > high):
-      errors.append(f'config.codec.{name} = {c[name]}: must be '
-                    + (f'≥ {low}.' if high is None else f'in {low}..{high}.'))
-  _choice(errors, 'codec.step_placement', c.step_placement, ('uniform', 'rate'))
-  return errors
-
-
-def _check_quality_fields(config) -> list[str]:
-  """config.quality: the sample-quality numbers of --mode=sample (docs/maths.md §12)."""
-  errors, q = [], config.quality
-  _choice(errors, 'quality.features', q.features, feature_net.FEATURES)
-  if q.num_samples < 0:
-    errors.append(f'config.quality.num_samples = {q.num_samples}: must be ≥ 0 (0 = no '
-                  'sample-quality numbers).')
-  elif 0 < q.num_samples <= q.nearest_k:
-    errors.append(f'config.quality.num_samples = {q.num_samples}: must exceed '
-                  f'quality.nearest_k = {q.nearest_k} (each sample\'s ball reaches its '
-                  'k-th nearest neighbour), or be 0; a few hundred give stable numbers.')
-  for name in ('batch_size', 'nearest_k', 'feature_steps'):
-    if q[name] < 1:
-      errors.append(f'config.quality.{name} = {q[name]}: must be ≥ 1.')
-  if not 0.0 <= q.confidence < 1.0:
-    errors.append(f'config.quality.confidence = {q.confidence}: must be in [0, 1).')
-  if q.features == 'classifier' and config.data.dataset in datasets.DATASETS and not (
-      datasets.get(config.data.dataset).labelled):
-    errors.append(f"config.quality.features = 'classifier' needs labels, which "
-                  f'data.dataset = {config.data.dataset!r} does not provide here; use '
-                  "'autoencoder' or 'auto'.")
-  return errors
 
 
 def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
@@ -392,11 +292,23 @@ def check_resumed_config(saved: dict, config, allow: bool = False,
   """Refuses a workdir whose saved config defines another model; returns the differences."""
   diffs = config_difference(saved, config)
   if diffs and not allow:
+    noted = [d + (f' ({_REFUSAL_NOTES[d.split(":")[0]]})' if d.split(':')[0] in
+                  _REFUSAL_NOTES else '') for d in diffs]
     raise ConfigError(
         ['this workdir holds a model defined differently from the current config:']
-        + diffs + [f'Use the saved config (config.json in the workdir), another --workdir{hint}.',
-                   'Only the fields above must match; the others may change on resume, '
-                   'e.g. training.num_steps (continue a finished run), optimizer.*, '
-                   'model.weighting, model.time_sampling, model.second_order_weight (a '
-                   'second-order fine-tune, docs/maths.md §15.3).'])
+        + noted + [f'Use the saved config (config.json in the workdir), another '
+                   f'--workdir{hint}.',
+                   'Only the fields above must match; the others may change on resume. '
+                   f'(Fields that may change between runs: {", ".join(TRAINING_ONLY)}, and '
+                   'the fields outside config.model but data.dataset and data.augment: '
+                   'e.g. training.num_steps continues a finished run, optimizer.* changes '
+                   'its optimisation, model.second_order_weight makes it a second-order '
+                   'fine-tune, docs/maths.md §15.3.)'])
   return diffs
+
+
+def training_only_changes(saved: dict, config) -> list[str]:
+  """The training-only model fields that differ from the saved config, each with what
+  the change does to a resumed run where that is not plain (logged on resuming)."""
+  return [d + (f': {_RESUME_NOTES[d.split(":")[0]]}' if d.split(':')[0] in _RESUME_NOTES
+               else '') for d in config_difference(saved, config, TRAINING_ONLY)]

@@ -17,12 +17,14 @@ import math
 import time
 from typing import Optional
 
+import flax
 import numpy as np
 import tqdm
 
 from vdm_jax.codec import coder
 from vdm_jax.codec import conventional
 from vdm_jax.codec import file_format
+from vdm_jax.codec import fingerprints
 from vdm_jax.codec import steps
 from vdm_jax.codec import tables
 from vdm_jax.runtime import compiler
@@ -33,10 +35,10 @@ DENSITY_IMAGES = 256  # the first images, at most, on which a step density is es
 
 def check_images(images, vocab_size: int) -> np.ndarray:
   images = np.asarray(images)
-  if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not len(images):
+  if images.ndim != 4 or not np.issubdtype(images.dtype, np.integer) or not images.size:
     raise file_format.CodecError(
-        f'images must be a non-empty integer array [N, H, W, C], got {images.dtype} '
-        f'{images.shape}.')
+        f'images must be a non-empty integer array [N, H, W, C] (each of N, H, W, C at '
+        f'least 1), got {images.dtype} {images.shape}.')
   if images.min() < 0 or images.max() >= vocab_size:
     raise file_format.CodecError(
         f'image values must lie in 0..{vocab_size - 1} (the model\'s vocab_size), got '
@@ -51,7 +53,7 @@ def _tables(model, params, timesteps, resolution, first_resolution, support, den
 
 
 def _tables_digest(tabs) -> bytes:
-  return file_format.digest(*(t.digest() for t in tabs))
+  return fingerprints.digest(*(t.digest() for t in tabs))
 
 
 @contextlib.contextmanager
@@ -71,7 +73,7 @@ def stacked_words(data: bytes) -> np.ndarray:
   XORed with a fixed keystream (their headers then read as random bits too), and a
   word 1 on top if the top word is 0 (an ANS stack never ends in a zero word)."""
   padded = data + b'\0' * (-len(data) % 4)
-  words = np.frombuffer(padded, '<u4') ^ file_format.seed_words(len(padded) // 4,
+  words = np.frombuffer(padded, '<u4') ^ fingerprints.seed_words(len(padded) // 4,
                                                                  _WHITENING)
   return np.concatenate([words, [1]]).astype(np.uint32) if not words[-1] else words
 
@@ -83,7 +85,7 @@ def unstacked_bytes(words: np.ndarray, length: int) -> bytes:
   if len(words) < n:
     raise file_format.DecodeCheckError('Decoding left too few words for the '
                                        'conventional code.')
-  data = (np.asarray(words[:n], np.uint32) ^ file_format.seed_words(n, _WHITENING)
+  data = (np.asarray(words[:n], np.uint32) ^ fingerprints.seed_words(n, _WHITENING)
           ).astype('<u4').tobytes()[:length]
   if not np.array_equal(stacked_words(data), words):
     raise file_format.DecodeCheckError('Decoding did not restore the conventional code '
@@ -138,7 +140,7 @@ def compress(model, params, images, *, timesteps: int = 400, batch_size: int = 6
   files = []
   if fallback or conventional_images == n:
     method, data = conventional.encode_set(images, vocab)
-    header = file_format.Header(n, tuple(shape), vocab, file_format.images_hash(images),
+    header = file_format.Header(n, tuple(shape), vocab, fingerprints.images_hash(images),
                                 method, n, len(data))
     packed = file_format.pack(header, data)
     files.append((packed, file_format.Report(
@@ -184,7 +186,7 @@ def _bits_back_file(model, params, images, k, gamma, tabs, settings, first_group
   seed_size = _seed_size(tabs[0], dims, first_group)
   flat = images[k:].reshape(n - k, dims)
   while True:
-    seed = file_format.seed_words(seed_size)
+    seed = fingerprints.seed_words(seed_size)
     ans = coder.AnsStack(np.concatenate([seed, top]),
                        ideal_bits=n - k if ideal_bits else None)
     seed_bits = ans.bits()
@@ -201,10 +203,10 @@ def _bits_back_file(model, params, images, k, gamma, tabs, settings, first_group
     untouched -= 1
   payload = np.asarray(final[untouched:], '<u4').tobytes()
   header = file_format.Header(
-      n, tuple(shape), vocab, file_format.images_hash(images), method, k, len(conv),
-      config_hash=file_format.config_hash(model.config),
-      params_hash=file_format.params_hash(params), table_hash=_tables_digest(tabs),
-      environment=file_format.environment_hash(), step=step, seed_words=seed_size,
+      n, tuple(shape), vocab, fingerprints.images_hash(images), method, k, len(conv),
+      config_hash=fingerprints.config_hash(model.config),
+      params_hash=fingerprints.params_hash(params), table_hash=_tables_digest(tabs),
+      environment=fingerprints.environment_hash(), step=step, seed_words=seed_size,
       untouched_words=untouched, group_sizes=groups, **settings)
   data = file_format.pack(header, payload)
   what = 'bits-back' + (f' above {conventional.NAMES[method]}' if k else '')
@@ -251,7 +253,7 @@ def decompress(model, params, data: bytes, *, timesteps: Optional[int] = None,
                                            header.vocab_size)
     except conventional.ConventionalDecodeError as e:
       raise file_format.DecodeCheckError(f'The conventional code does not decode: {e}.')
-  if file_format.images_hash(images)[:len(header.images_hash)] != header.images_hash:
+  if fingerprints.images_hash(images)[:len(header.images_hash)] != header.images_hash:
     raise file_format.DecodeCheckError(
         'The decoded images do not match their fingerprint: the network outputs here '
         'differ from the encoder\'s (other device or software) or the file is damaged.')
@@ -264,14 +266,18 @@ def _decode_bits_back(model, params, header, payload, allow_other_environment, t
   """(images[k:], the conventional bytes restored at the stack's bottom)."""
   gamma, tabs = _tables(model, params, header.timesteps, header.resolution,
                         header.first_resolution, header.support, header.step_density)
-  file_format.check_model(header, file_format.config_hash(model.config),
-                          file_format.params_hash(params), step, settings,
+  file_format.check_model(header, fingerprints.config_hash(model.config),
+                          fingerprints.params_hash(params), step, settings,
                           _tables_digest(tabs), allow_other_environment)
+  if header.vocab_size != int(model.config.vocab_size):  # config.model agrees: altered
+    raise file_format.CorruptFileError(
+        f'The header is inconsistent: {header.vocab_size} values per sub-pixel, but its '
+        f'model (config fingerprint) has vocab_size {model.config.vocab_size}.')
   dims = math.prod(header.image_shape)
   options = compiler.compiler_options() if header.version >= 2 else None
   net = coder.Network(model, params, header.image_shape, header.vocab_size, gamma[0],
                       options)
-  seed = file_format.seed_words(header.seed_words)
+  seed = fingerprints.seed_words(header.seed_words)
   words = np.concatenate([seed[:header.untouched_words], np.frombuffer(payload, '<u4')])
   try:
     ans = coder.AnsStack(words.astype(np.uint32))
@@ -283,6 +289,10 @@ def _decode_bits_back(model, params, header, payload, allow_other_environment, t
       flat = coder.decode_images(ans, net, tabs, header.group_sizes, dims,
                                  header.vocab_size, header.batch_size, header.first_images,
                                  advance)
+    except flax.errors.ScopeParamShapeError as e:
+      raise file_format.CorruptFileError(
+          f'The header is inconsistent: images of {header.image_shape[-1]} channel(s), '
+          'which the parameters of its model (fingerprint) do not take.') from e
     except (file_format.CodecError, ValueError) as e:
       raise file_format.DecodeCheckError(
           f'Decoding diverged from the encoder ({e}): the network outputs here differ '

@@ -151,7 +151,7 @@ def decode_set(method: int, data: bytes, n: int, shape, vocab_size: int) -> np.n
         raise ConventionalDecodeError(f'a picture {array.shape}, not {n} images {shape}')
     else:
       raise ConventionalDecodeError(f'unknown method {method}')
-  except (OSError, ValueError, struct.error) as e:
+  except (OSError, ValueError, IndexError, struct.error) as e:  # IndexError: other channels
     raise ConventionalDecodeError(str(e)) from e
   images = array.reshape((n, h, w, c)).astype(np.int64)
   if images.max(initial=0) >= vocab_size:

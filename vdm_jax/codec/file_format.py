@@ -23,17 +23,14 @@ digests, the environment as text and no conventional part.
 
 import dataclasses
 import hashlib
-import json
 import struct
 from typing import Any, Optional
 
-from importlib import metadata
-
-import jax
-import jaxlib
 import numpy as np
 
 from vdm_jax import errors
+from vdm_jax.codec import conventional
+from vdm_jax.codec import fingerprints
 
 MAGIC = b'VDMC'
 VERSION = 3
@@ -73,7 +70,7 @@ class Header:
   config_hash: bytes = b''  # fingerprint of the model-defining config (config.model)
   params_hash: bytes = b''  # fingerprint of the parameters' names, shapes and bytes
   table_hash: bytes = b''  # fingerprint of the coding tables (tables.CodingTable.digest)
-  environment: bytes = b''  # fingerprint of the software and device (environment())
+  environment: bytes = b''  # fingerprint of the software and device (fingerprints.py)
   step: Optional[int] = None  # checkpoint step of the parameters, if known
   timesteps: int = 0  # T of the discrete-time model
   resolution: int = 0  # grid bins per standard deviation
@@ -146,56 +143,6 @@ class Report:
             f'{self.initial_bits}, {len(self.group_sizes)} groups); '
             f'{self.seconds_total:.1f} s ({self.seconds_network:.1f} s network, '
             f'{self.seconds_coding:.1f} s entropy coding)')
-
-
-# ------------------------------------------------------------------ fingerprints
-def digest(*parts: bytes) -> bytes:
-  """SHA-256 of the length-prefixed parts (16 bytes; files keep a prefix of it)."""
-  h = hashlib.sha256()
-  for p in parts:
-    h.update(len(p).to_bytes(8, 'little'))
-    h.update(p)
-  return h.digest()[:16]
-
-
-def config_hash(model_config) -> bytes:
-  """Digest of `config.model` (every field, sorted): what defines the network."""
-  cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
-  return digest(json.dumps(cfg, sort_keys=True, default=repr).encode())
-
-
-def params_hash(params: Any) -> bytes:
-  """Digest of the parameters: each leaf's path, dtype, shape and bytes."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-  parts = []
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-    parts += [jax.tree_util.keystr(path).encode(), f'{a.dtype}{a.shape}'.encode(),
-              a.tobytes()]
-  return digest(*parts)
-
-
-def images_hash(images: np.ndarray) -> bytes:
-  a = np.ascontiguousarray(images, dtype=np.int64)
-  return digest(str(a.shape).encode(), a.tobytes())
-
-
-def environment() -> str:
-  """What the network outputs depend on besides the model: XLA version and device."""
-  device = jax.devices()[0]
-  return (f'jax {jax.__version__}; jaxlib {jaxlib.__version__}; {device.platform} '
-          f'{device.device_kind}; constriction {metadata.version("constriction")}')
-
-
-def environment_hash() -> bytes:
-  return digest(environment().encode())
-
-
-def seed_words(count: int, label: bytes = b'vdm_jax bits-back seed') -> np.ndarray:
-  """Fixed pseudo-random words (SHA-256 in counter mode)."""
-  blocks = [hashlib.sha256(label + i.to_bytes(8, 'little')).digest()
-            for i in range((count + 7) // 8)]
-  return np.frombuffer(b''.join(blocks), '<u4')[:count].astype(np.uint32)
 
 
 # ------------------------------------------------------------------ varints
@@ -294,7 +241,44 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     raise CorruptFileError('The header is inconsistent (image or group counts).')
   if 0 in header.step_density:
     raise CorruptFileError('The header is inconsistent (a step density of 0).')
+  _check_header(header, len(payload))
   return header, payload
+
+
+MAX_VALUES = 2**31 - 1  # N·H·W·C: more than any file of this codec holds
+
+
+def _check_header(h: Header, payload_bytes: int) -> None:
+  """Raises CorruptFileError naming the first field (its checksum valid) that the file
+  cannot hold, before the field sizes an array or picks a branch of the decoder."""
+  n, (height, width, c), v, k = h.num_images, h.image_shape, h.vocab_size, h.conventional_images
+  raw_bytes = k * height * width * c * (2 if v > 256 else 1)
+  bits_back = (h.timesteps, h.resolution, h.first_resolution, h.support, h.batch_size,
+               *h.group_sizes) if n > k else (1,)
+  most_seed = 64 * (n - k) * height * width * c + 1024  # far above what the encoder uses
+  problem = next((text for bad, text in (
+      (min(height, width, c) < 1 or n * height * width * c > MAX_VALUES,
+       f'{n} images of {height}x{width}x{c} (each side ≥ 1, N·H·W·C ≤ {MAX_VALUES})'),
+      (v < 2, f'{v} values per sub-pixel (at least 2)'),
+      (not k and (h.conventional or h.conventional_bytes),
+       'a conventional method or length without conventional images'),
+      (k and h.conventional not in conventional.NAMES,
+       f'conventional method {h.conventional}'),
+      (k and h.conventional != conventional.RAW and (c not in conventional.MODES or v > 256),
+       f'{c} channel(s) of {v} values in a WebP or PNG picture'),
+      (k and h.conventional == conventional.RAW and h.conventional_bytes != raw_bytes,
+       f'{h.conventional_bytes} raw bytes for {k} images ({raw_bytes} expected)'),
+      (k and not 1 <= h.conventional_bytes <= payload_bytes,
+       f'{h.conventional_bytes} conventional bytes in a payload of {payload_bytes}'),
+      (n == k and h.conventional_bytes != payload_bytes,
+       f'{h.conventional_bytes} conventional bytes, but a payload of {payload_bytes}'),
+      (min(bits_back) < 1, 'T, a resolution, the support, the network batch or a group '
+       'size below 1'),
+      (n > k and not h.untouched_words <= h.seed_words <= most_seed,
+       f'{h.seed_words} seed words ({h.untouched_words} untouched) for {n - k} images'),
+  ) if bad), None)
+  if problem:
+    raise CorruptFileError(f'The header is inconsistent: {problem}.')
 
 
 # ------------------------------------------------------------------ version 1
@@ -314,22 +298,24 @@ def _unpack_v1(data: bytes) -> tuple[Header, bytes]:
   (env_len,) = struct.unpack('<H', r.take(2))
   env = r.take(env_len)
   end = r.pos
-  if digest(data[:end]) != r.take(16):
+  if fingerprints.digest(data[:end]) != r.take(16):
     raise CorruptFileError('The header was altered (its checksum does not match).')
   payload = data[r.pos:]
   if len(payload) != 4 * f[18]:
     raise CorruptFileError(f'Truncated or extended: the payload has {len(payload)} bytes, '
                            f'the header says {4 * f[18]}.')
-  if digest(payload) != f[19]:
+  if fingerprints.digest(payload) != f[19]:
     raise CorruptFileError('The payload was altered (its checksum does not match).')
   if not groups or sum(groups) != f[10]:
     raise CorruptFileError('The group sizes do not add up to N.')
-  return Header(
+  header = Header(
       version=1, config_hash=f[2], params_hash=f[3], table_hash=f[4], timesteps=f[5],
       resolution=f[6], first_resolution=f[7], first_images=f[8], support=f[9],
       num_images=f[10], image_shape=tuple(f[11:14]), vocab_size=f[14], batch_size=f[15],
       seed_words=f[16], untouched_words=f[17], images_hash=f[20], group_sizes=groups,
-      environment=digest(env)), payload
+      environment=fingerprints.digest(env))
+  _check_header(header, len(payload))
+  return header, payload
 
 
 # ------------------------------------------------------------------ checks
@@ -354,13 +340,14 @@ def check_model(header: Header, cfg_hash: bytes, prm_hash: bytes, step: Optional
     if value is not None and value != getattr(header, name):
       raise MismatchError(f'The file was written with {name}={getattr(header, name)}, '
                           f'decoding was asked for {name}={value}.')
-  here = environment()
+  here = fingerprints.environment()
   if not _same(header.table_hash, table_hash):
     raise MismatchError(
         'The coding table computed here differs from the encoder\'s although model '
         'and settings agree: the schedule was evaluated with other floating-point '
         f'maths (here: {here}).')
-  if not _same(header.environment, digest(here.encode())) and not allow_other_environment:
+  if (not _same(header.environment, fingerprints.digest(here.encode()))
+      and not allow_other_environment):
     raise MismatchError(
         f'The file was written with other software or on another device than this '
         f'one ({here}). Decoding needs bit-identical network outputs, which other '

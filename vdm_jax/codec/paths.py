@@ -9,6 +9,7 @@ one object, which GCS makes visible only once complete.
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -141,7 +142,8 @@ class Output:
         tmp = os.path.join(folder, 'output')
         if self.folder:
           os.mkdir(tmp)
-        yield tmp
+        with self._disk_full_named(f'the local disk of its temporary copy {folder}'):
+          yield tmp
         self._upload(tmp)
       return
     tmp = os.path.join(self.parent, f'.{os.path.basename(self.path)}.{uuid.uuid4().hex[:8]}.tmp')
@@ -155,14 +157,27 @@ class Output:
           f'--output={self.path} cannot be written: {e.strerror} ({self.parent}). Make the '
           'folder writable, or choose another --output.') from e
     try:
-      yield tmp
-      self._move(tmp)
+      with self._disk_full_named(f'the disk holding {self.parent}'):
+        yield tmp
+        self._move(tmp)
     except BaseException:
       if os.path.isdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
       elif os.path.lexists(tmp):
         os.unlink(tmp)
       raise
+
+  @contextlib.contextmanager
+  def _disk_full_named(self, disk: str):
+    """A full disk while the output is written: a CodecError naming --output."""
+    try:
+      yield
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      raise file_format.CodecError(
+          f'--output={self.path} cannot be written: {disk} is full ({e.strerror}); '
+          'nothing was written there. Free space, or choose another --output.') from e
 
   def _check_still_free(self) -> None:
     if not self.overwrite and self._taken():

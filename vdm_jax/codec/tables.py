@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.codec import file_format
+from vdm_jax.codec import fingerprints
 from vdm_jax.codec import steps
 
 MAX_BINS = 1 << 20  # constriction quantises probabilities to 2^-24: keep supports far below.
@@ -39,7 +40,7 @@ class CodingTable:
   p_half: np.ndarray  # [T+1] half-width of the push's support, in bins
 
   def digest(self) -> bytes:
-    return file_format.digest(*(np.ascontiguousarray(getattr(self, f.name)).tobytes()
+    return fingerprints.digest(*(np.ascontiguousarray(getattr(self, f.name)).tobytes()
                                  if isinstance(getattr(self, f.name), np.ndarray)
                                  else str(getattr(self, f.name)).encode()
                                  for f in dataclasses.fields(self)))

@@ -166,13 +166,26 @@ def fingerprint(parts: dict) -> str:
   return h.hexdigest()
 
 
+def _checksum(params_bytes: bytes, info: dict) -> str:
+  """sha256 over the parameters' bytes and the rest of info.json: a cached network whose
+  bytes changed (a damaged disk, a partial copy) still parses, but fails this check."""
+  rest = {k: v for k, v in info.items() if k != 'checksum'}
+  return hashlib.sha256(params_bytes + json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _read_cached(folder: epath.Path, module: FeatureNet, template, vocab_size: int
                  ) -> Optional[FeatureNetwork]:
+  """The cached network, or None (with a warning) when it is unreadable or its content
+  is not what was written."""
   try:
     info = json.loads((folder / 'info.json').read_text())
-    params = serialization.from_bytes(template, (folder / 'params.msgpack').read_bytes())
-  except Exception as e:  # pylint: disable=broad-except  # unreadable: retrain
-    logging.warning('The cached feature network in %s cannot be read (%s); training it '
+    raw = (folder / 'params.msgpack').read_bytes()
+    if not isinstance(info, dict) or info.get('checksum') != _checksum(raw, info):
+      raise ValueError('its content does not match the checksum written with it')
+    params = serialization.from_bytes(template, raw)
+    del info['checksum']
+  except Exception as e:  # pylint: disable=broad-except  # unreadable or damaged: retrain
+    logging.warning('The cached feature network in %s cannot be used (%s); training it '
                     'again.', folder, e)
     return None
   return FeatureNetwork(module, params, vocab_size, info)
@@ -182,8 +195,10 @@ def _write_cached(folder: epath.Path, network: FeatureNetwork) -> None:
   """Writes into a temporary folder beside `folder`, then renames it into place."""
   tmp = folder.parent / f'.{folder.name}.{os.getpid()}.tmp'
   tmp.mkdir(parents=True, exist_ok=True)
-  (tmp / 'params.msgpack').write_bytes(serialization.to_bytes(network.params))
-  (tmp / 'info.json').write_text(json.dumps(network.info, indent=2, sort_keys=True))
+  raw = serialization.to_bytes(network.params)
+  info = dict(network.info, checksum=_checksum(raw, network.info))
+  (tmp / 'params.msgpack').write_bytes(raw)
+  (tmp / 'info.json').write_text(json.dumps(info, indent=2, sort_keys=True))
   if folder.exists():  # another process was faster, or an unreadable copy: replace it
     for child in folder.iterdir():
       child.unlink()
@@ -191,9 +206,13 @@ def _write_cached(folder: epath.Path, network: FeatureNetwork) -> None:
   tmp.rename(folder)
 
 
+def _cache_root(cache_dir: Optional[str]) -> epath.Path:
+  return epath.Path(cache_dir or default_cache_dir()) / 'feature_networks'
+
+
 def check_cache_dir(cache_dir: Optional[str]) -> epath.Path:
   """The cache root, created and writable, or a CacheError naming quality.cache_dir."""
-  root = epath.Path(cache_dir or default_cache_dir()) / 'feature_networks'
+  root = _cache_root(cache_dir)
   probe = root / f'.probe.{os.getpid()}'
   try:
     root.mkdir(parents=True, exist_ok=True)
@@ -215,9 +234,10 @@ def kind_for(data_config, features: str = 'auto') -> str:
 
 def load_or_train(config) -> FeatureNetwork:
   """The feature network of config.data (quality.features, feature_steps, feature_seed):
-  from the cache when its fingerprint is there, else trained and cached."""
+  from the cache when its fingerprint is there (reading is all that needs: the cache
+  may be read-only), else trained and cached (the cache must be writable)."""
   q = config.quality
-  root = check_cache_dir(q.cache_dir)
+  root = _cache_root(q.cache_dir)
   kind = kind_for(config.data, q.features)
   vocab_size = config.model.vocab_size
   data = {split: datasets.load_split(config.data, split) for split in datasets.SPLITS}
@@ -238,6 +258,7 @@ def load_or_train(config) -> FeatureNetwork:
     network = _read_cached(folder, module, template, vocab_size)
     if network is not None:
       return network
+  check_cache_dir(q.cache_dir)  # before the training, whose result it keeps
   start = time.time()
   logging.info('Training the %s feature network of %s (%d steps); it is cached in %s.',
                kind, config.data.dataset, q.feature_steps, folder)

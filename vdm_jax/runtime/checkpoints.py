@@ -9,8 +9,13 @@ written on 8 devices restores on 1 and vice versa.
 """
 
 import contextlib
+import dataclasses
+import gc
+import inspect
 import math
+import sys
 from typing import Any, Optional
+import warnings
 
 from absl import logging
 import flax
@@ -132,24 +137,27 @@ def _restore_target(abstract_state: Any, saved: Optional[dict], resettable: tupl
 
   A resettable field (training bookkeeping such as the adaptive proposal's averages) that
   the checkpoint lacks, or holds with other shapes, is left out of the target, or taken
-  with the saved shapes, and then replaced by zeros of the expected shapes.
+  with the saved shapes, and then replaced by zeros of the expected shapes. Every other
+  field keeps the state's own tree (optax's tuples and named tuples included).
   """
   if saved is None:
     return abstract_state, ()
-  target = flax.serialization.to_state_dict(abstract_state)
+  # The state's fields, one level deep: each keeps its own tree.
+  target = {f.name: getattr(abstract_state, f.name)
+            for f in dataclasses.fields(abstract_state)}
   reset = []
   for name in resettable:
-    if getattr(abstract_state, name, None) is None:
+    field = target.get(name)
+    if field is None:
       continue
-    expected = _shapes(flax.serialization.to_state_dict(getattr(abstract_state, name)))
     if name not in saved:  # written before the field existed
       del target[name]
     elif saved[name] is None:  # written empty
       target[name] = None
-    elif _shapes(saved[name]) != expected:
-      sharding = jax.tree.leaves(abstract_state)[0].sharding
-      target[name] = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name])
+    elif _shapes(saved[name]) != _shapes(flax.serialization.to_state_dict(field)):
+      sharding = jax.tree.leaves(field)[0].sharding
+      target[name] = flax.serialization.from_state_dict(field, jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name]))
     else:
       continue
     reset.append(name)
@@ -195,19 +203,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       logging.error('Checkpoint at step %d in %s is damaged and is skipped (%s: %s); '
                     'trying the previous one.', step, manager.directory,
                     type(e).__name__, e)
+      restored = None
+    if restored is None:
       damaged.append(step)
+      _collect_quietly()
       continue
     if set_aside:
       _set_aside(manager, damaged)
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
     state = restored['state']
     if reset:
-      logging.warning('The checkpoint at step %d holds no %s of the expected shapes; '
-                      'it starts afresh.', step, ', '.join(reset))
-      fresh = {name: flax.serialization.to_state_dict(_zeros(getattr(abstract_state, name)))
-               for name in reset}
-      state = flax.serialization.from_state_dict(
-          abstract_state, {**{k: v for k, v in state.items() if k not in reset}, **fresh})
+      logging.warning('The checkpoint at step %d holds no %s of the expected shapes (the '
+                      'adaptive proposal\'s averages per γ bin: model.adaptive_bins changed, '
+                      'or the checkpoint has none); they start afresh at zero.', step,
+                      ', '.join(reset))
+      fresh = {name: _zeros(getattr(abstract_state, name)) for name in reset}
+      state = abstract_state.replace(**{**state, **fresh})
     return state
   if steps:
     raise CheckpointError(
@@ -215,6 +226,31 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
         '(each error is logged above); nothing was changed. Restore the folder from a '
         'copy, or move it aside to start afresh.')
   return None
+
+
+def _collect_quietly() -> None:
+  """Finalises now, and without a word, the reads that a failed restore left behind.
+
+  When one read of a restore fails, orbax's other reads (coroutines, some never
+  awaited) stay referenced from cycles through the error's traceback. Whenever the
+  garbage collector later finds them, each prints a warning or an "Exception ignored
+  in: <coroutine …>" traceback (hundreds for a model's arrays, or none: it depends on
+  when the collector runs). Collected here, with the process's hooks for exactly that
+  quieted, the fallback to the previous checkpoint says only what the log says.
+  """
+  previous = sys.unraisablehook
+
+  def hook(info):
+    if not inspect.iscoroutine(info.object):
+      previous(info)
+
+  sys.unraisablehook = hook
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', r'coroutine .* was never awaited', RuntimeWarning)
+      gc.collect()
+  finally:
+    sys.unraisablehook = previous
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -11,6 +11,7 @@ Every path goes through etils.epath, so a workdir may be a local folder or a buc
 (`gs://BUCKET/PATH`, reached as vdm_jax/runtime/gcs.py describes).
 """
 
+import errno
 import io
 import json
 from typing import Optional
@@ -69,6 +70,12 @@ class Workdir:
     except (FileExistsError, NotADirectoryError) as e:
       raise WorkdirError(f'--workdir={self.path} cannot be created: a part of that path is '
                          f'a file ({e}); choose another --workdir.') from e
+    except OSError as e:
+      if e.errno != errno.ENAMETOOLONG:
+        raise
+      raise WorkdirError(f'--workdir={self.path} cannot be created: {e.strerror} (a name '
+                         'in that path is longer than the file system allows, 255 bytes on '
+                         'most); choose a shorter --workdir.') from e
 
   def check_writable(self) -> None:
     """Writes and removes a file in the workdir and in checkpoints/ (if present), so that
@@ -107,13 +114,17 @@ class Workdir:
     path = self.path / CONFIG_FILE
     if not path.exists():
       return None
+    fix = (f'it describes the run whose checkpoints are in {self.checkpoint_dir}. Restore '
+           'it from a copy, or delete it to have this run write the current config there '
+           "(only if the current config is the run's).")
     try:
-      return json.loads(path.read_text())
+      saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise WorkdirError(
-          f'{path} is not valid JSON ({e}); it describes the run whose checkpoints are in '
-          f'{self.checkpoint_dir}. Restore it from a copy, or delete it to have this run '
-          "write the current config there (only if the current config is the run's).") from e
+      raise WorkdirError(f'{path} is not valid JSON ({e}); {fix}') from e
+    if not isinstance(saved, dict):
+      raise WorkdirError(f'{path} holds a JSON {type(saved).__name__}, not the object of '
+                         f'config fields it should hold; {fix}')
+    return saved
 
   def write_config(self, config) -> None:
     """Saves the resolved config (process 0 only)."""

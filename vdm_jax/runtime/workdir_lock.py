@@ -36,6 +36,11 @@ HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
 # The owner stops once its heartbeat has failed this long: before others may take over.
 SILENCE_LIMIT_SECONDS = STALE_SECONDS - 2 * HEARTBEAT_SECONDS
+# With hold(on_lost=…): how long the block may go on with a lock problem before on_lost
+# is called (its thread is blocked on the storage, say), and how often that is checked.
+# The process then stops within SILENCE_LIMIT_SECONDS + 11 s < STALE_SECONDS.
+LOST_GRACE_SECONDS = 10.0
+WATCH_SECONDS = 1.0
 
 
 class WorkdirBusyError(workdir_lib.WorkdirError):
@@ -210,10 +215,17 @@ def acquire(wd: workdir_lib.Workdir, lock=None) -> dict:
 
 
 @contextlib.contextmanager
-def hold(wd: workdir_lib.Workdir, timeout: float = SILENCE_LIMIT_SECONDS):
+def hold(wd: workdir_lib.Workdir, timeout: float = SILENCE_LIMIT_SECONDS, on_lost=None):
   """Holds the workdir's lock (taken by process 0, agreed by all) for the block; yields
   a Holding, whose problem() the block checks (its heartbeat fails after `timeout`
-  seconds, or SILENCE_LIMIT_SECONDS if that is shorter)."""
+  seconds, or SILENCE_LIMIT_SECONDS if that is shorter).
+
+  on_lost(message), if given, is called from a watchdog thread when a problem has lasted
+  min(timeout, LOST_GRACE_SECONDS) more without the block ending: the block's thread is
+  blocked on the storage, where no check of problem() runs. The command line passes a
+  function that ends the process, so that a run that lost its storage stops before
+  another process may take the lock over, whatever its main thread waits on.
+  """
   error, record, lock = None, None, None
   if jax.process_index() == 0:
     try:
@@ -234,6 +246,9 @@ def hold(wd: workdir_lib.Workdir, timeout: float = SILENCE_LIMIT_SECONDS):
     beat = threading.Thread(target=_heartbeat, args=(lock, record, stop, holding),
                             daemon=True, name='vdm_jax-workdir-lock')
     beat.start()
+    if on_lost is not None:
+      threading.Thread(target=_watchdog, args=(holding, stop, on_lost), daemon=True,
+                       name='vdm_jax-workdir-lock-watchdog').start()
   finished = False
   try:
     yield holding
@@ -257,6 +272,21 @@ def _release(lock, record: dict) -> None:
   except Exception as e:  # pylint: disable=broad-except  # never hide the run's own error
     logging.warning('Could not free the lock %s (%s); the next run takes it over as '
                     'stale.', lock.path, e)
+
+
+def _watchdog(holding: Holding, stop: threading.Event, on_lost) -> None:
+  """Calls on_lost(message) once holding.problem() has lasted the grace (hold)."""
+  grace, since = min(holding.limit, LOST_GRACE_SECONDS), None
+  while not stop.wait(min(WATCH_SECONDS, holding.limit / 3)):
+    problem = holding.problem()
+    if problem is None:
+      since = None
+    elif since is None:
+      since = time.monotonic()
+    elif time.monotonic() - since >= grace:
+      on_lost(f'{problem} (It was waiting on the storage: stopped from the lock\'s '
+              'watchdog.)')
+      return
 
 
 def _heartbeat(lock, record: dict, stop: threading.Event, holding: Holding) -> None:

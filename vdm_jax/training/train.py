@@ -28,6 +28,7 @@ from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import compiler
+from vdm_jax.runtime import gcs
 from vdm_jax.runtime import parallel
 from vdm_jax.runtime import signals as signals_lib
 from vdm_jax.runtime import workdir as workdir_lib
@@ -195,6 +196,8 @@ def _start(run, wd, manager, allow_config_change: bool):
   steps = wd.checkpoint_steps()
   if saved is not None and steps:
     validation.check_resumed_config(saved, config, allow=allow_config_change)
+    for change in validation.training_only_changes(saved, config):
+      logging.warning('Resuming with a training-only field changed, %s.', change)
   if steps and steps[-1] > config.training.num_steps:
     raise validation.ConfigError([
         f'config.training.num_steps = {config.training.num_steps} is below the step of the '
@@ -204,8 +207,8 @@ def _start(run, wd, manager, allow_config_change: bool):
   return run.init_state() if state is None else state
 
 
-def train_and_evaluate(config, workdir, *, mesh=None,
-                       allow_config_change: bool = False) -> train_state.TrainState:
+def train_and_evaluate(config, workdir, *, mesh=None, allow_config_change: bool = False,
+                       on_storage_lost=None) -> train_state.TrainState:
   """Trains (resuming from the workdir's newest checkpoint), evaluating and sampling
   periodically; returns the final state.
 
@@ -215,14 +218,18 @@ def train_and_evaluate(config, workdir, *, mesh=None,
   go: one before the first step raises errors.Stopped with nothing changed, one during
   training errors.Preempted after the step in flight and its checkpoint. Storage that
   stops answering (a save, or the lock's heartbeat, past training.storage_timeout)
-  raises errors.StorageLost at once, with nothing more written or waited for.
+  raises errors.StorageLost at once, with nothing more written or waited for; a
+  failed request to it (connection refused) likewise skips the closing writes.
+  on_storage_lost(message): see workdir_lock.hold's on_lost (the command line ends the
+  process there, whatever call to the storage the run is blocked in).
   """
   wd = workdir_lib.Workdir(workdir)
   run = build_lib.build(config, mesh)
   wd.create()
   tc = config.training
   with (signals_lib.Deferred() as signals,
-        workdir_lock.hold(wd, timeout=tc.storage_timeout) as holding):
+        workdir_lock.hold(wd, timeout=tc.storage_timeout,
+                          on_lost=on_storage_lost) as holding):
     wd.check_writable()
     manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True,
                                        timeout=tc.storage_timeout)
@@ -243,8 +250,9 @@ def train_and_evaluate(config, workdir, *, mesh=None,
       state = _train_loop(run, wd, state, manager, writer, signals, holding)
     except errors.StorageLost:
       raise  # nothing more can be written: an abandoned save leaves no partial checkpoint
-    except BaseException:
-      _close(manager, writer, tc.storage_timeout, quietly=True)
+    except BaseException as e:
+      if gcs.describe_fault(e, str(wd)) is None:  # the storage answers: close cleanly
+        _close(manager, writer, tc.storage_timeout, quietly=True)
       raise
     _close(manager, writer, tc.storage_timeout)
   return state
