@@ -61,6 +61,13 @@ def test_the_curve_is_written_and_its_choice_is_what_eval_uses(held_out_run):
   assert evaluated['params'] == 'phema_sigma_rel=0.1'
   assert json.loads((workdir / 'eval_results.json').read_text())['params'] == evaluated['params']
 
+  # experiments/phema_paired.py: the chosen σ_rel against the EMA on the test split, paired.
+  paired = common.load_experiment('phema_paired.py').compare(cfg, str(workdir))
+  assert paired['sigma_rel'] == results['chosen_sigma_rel'] and paired['num_examples'] == 100
+  assert paired['difference'][0] == pytest.approx(paired['phema'][0] - paired['ema'][0],
+                                                  abs=1e-9)
+  assert json.loads((workdir / 'phema_test.json').read_text())['sigma_rel'] == paired['sigma_rel']
+
 
 @pytest.fixture
 def trained_on_all(trained_test_workdir, tmp_path):

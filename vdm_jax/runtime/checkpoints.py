@@ -9,6 +9,7 @@ written on 8 devices restores on 1 and vice versa.
 """
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -141,7 +142,8 @@ def _restore_target(abstract_state: Any, saved: Optional[dict], resettable: tupl
   """
   if saved is None:
     return abstract_state, ()
-  target = flax.serialization.to_state_dict(abstract_state)
+  # The fields as they are (an optimiser state's tuples stay tuples, as on disk).
+  target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
   reset = []
   for name in resettable:
     absent = getattr(abstract_state, name, None) is None
@@ -212,7 +214,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     if reset:
       logging.warning('The checkpoint at step %d holds no %s of the expected shapes; '
                       'it starts afresh.', step, ', '.join(reset))
-      kept = {k: v for k, v in state.items() if k not in reset}
+      kept = {k: flax.serialization.to_state_dict(v) for k, v in state.items()
+              if k not in reset}
       new = {name: None if getattr(abstract_state, name) is None
              else flax.serialization.to_state_dict(
                  fresh[name](kept) if name in (fresh or {})
