@@ -95,15 +95,17 @@ def select_workdir(config, workdir, mesh=None) -> dict:
 
 
 def plot(results: dict) -> bytes:
-  """PNG of the validation bound against σ_rel (log axis), today's EMA as a line."""
+  """PNG of the validation bound against σ_rel (log axis), the EMA of optimizer.ema_rate
+  as a line; the bars are the standard errors of the paired differences from it (the
+  spread between images, common to every point, is left out)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   curve = results['curve']
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
   ax.errorbar([c['sigma_rel'] for c in curve], [c['bpd'] for c in curve],
-              yerr=[c['bpd_stderr'] for c in curve], marker='o', capsize=3,
-              label='post-hoc EMA (reconstructed)')
+              yerr=[c['minus_ema_stderr'] for c in curve], marker='o', capsize=3,
+              label='post-hoc EMA (± paired s.e. against the EMA)')
   ax.axhline(results['ema_bpd'], color='grey', linestyle='--',
              label=f'EMA, rate {results["ema_rate"]:g}')
   ax.axvline(results['chosen_sigma_rel'], color='tab:red', linewidth=0.8,
