@@ -263,8 +263,9 @@ def _warn_whole_split(dataset: str, split: str) -> None:
 def open_split(data_config, split: str):
   """A split to index a batch at a time (uint8 array or RandomAccessImages).
 
-  'train' keeps only the first `data.num_train` images when that is set. Arrays are
-  read-only views of the per-process cache.
+  'train' and 'validation' are rows of the provided train split (train_rows): the
+  validation slice at its end, training the first `data.num_train` (default: all) before
+  it. Arrays are read-only views of the per-process cache.
   """
   entry = get(data_config.dataset)
   if split not in EVAL_SPLITS:
