@@ -22,6 +22,7 @@ def get_config():
   config.training.steps_per_call = 10
   config.training.log_every = 100
   config.training.checkpoint_every = 500
+  config.phema.snapshot_every = 100  # 20 snapshots of the EMA profiles, 2 x 0.9 MB each
   config.training.eval_every = 0
   config.training.sample_every = 0
   config.eval.batch_size = 128

@@ -55,6 +55,7 @@ def get_config():
   config.training.steps_per_call = 2
   config.training.log_every = 200
   config.training.checkpoint_every = 2000
+  config.phema.snapshot_every = 500  # 22 snapshots of the EMA profiles, 2 x 1.0 MB each
   config.training.eval_every = 0
   config.training.sample_every = 0
   config.eval.batch_size = 100

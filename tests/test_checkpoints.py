@@ -19,10 +19,11 @@ from vdm_jax.model import time_sampling
 from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import parallel
 from vdm_jax.runtime import workdir as workdir_lib
+from vdm_jax.training import phema
 from vdm_jax.training import train_state
 
 
-def _state(step, value, width=3, bins=None):
+def _state(step, value, width=3, bins=None, profiles=0):
   params = {'score_model': {'conv_in': {'kernel': jnp.full((width, 2), value)}},
             'gamma': {'w': jnp.full((1,), value)}}
   sampler = None
@@ -33,12 +34,14 @@ def _state(step, value, width=3, bins=None):
   opt_state = (optax.ScaleByAdamState(jnp.asarray(step, jnp.int32), moments, moments),
                optax.EmptyState())  # optax's tree: a tuple of named tuples
   return train_state.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                                opt_state=opt_state, ema_params=params, time_sampler=sampler)
+                                opt_state=opt_state, ema_params=params, time_sampler=sampler,
+                                phema=phema.init(params, profiles) if profiles else None)
 
 
-def _abstract(width=3, bins=None):
-  return checkpoints.abstract_like(jax.eval_shape(lambda: _state(0, 0.0, width, bins)),
-                                   parallel.replicated(parallel.make_mesh()))
+def _abstract(width=3, bins=None, profiles=0):
+  return checkpoints.abstract_like(
+      jax.eval_shape(lambda: _state(0, 0.0, width, bins, profiles)),
+      parallel.replicated(parallel.make_mesh()))
 
 
 def _save_steps(wd, steps, bins=None):
@@ -180,3 +183,32 @@ def test_averages_missing_or_of_another_size_start_afresh(tmp_path, saved_bins, 
   np.testing.assert_array_equal(state.time_sampler.updates, np.zeros(5, np.int32))
   assert any('time_sampler' in r.getMessage() and 'model.adaptive_bins' in r.getMessage()
              for r in caplog.records)
+  assert any('time_sampler' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize('saved, expected', [(0, 2), (2, 0), (3, 2), (2, 2)])
+def test_ema_profiles_restore_exactly_or_start_from_the_parameters(tmp_path, saved, expected):
+  """Profiles (docs/maths.md §14) of the expected number restore exactly; a checkpoint
+  without them, or with another number, starts them as `fresh` says (training: copies of
+  the parameters); a state that tracks none restores the rest of a checkpoint that did."""
+  wd = workdir_lib.Workdir(tmp_path)
+  manager = checkpoints.make_manager(wd, asynchronous=False, create=True)
+  written = _state(3, 3.0, profiles=saved)
+  if saved:  # the profiles differ from the parameters, as after training
+    written = written.replace(phema=jax.tree.map(lambda p: p + 1.0, written.phema))
+  checkpoints.save(manager, 3, written)
+  manager.close()
+  manager = checkpoints.make_manager(wd)
+  fresh = {'phema': lambda tree: phema.init(tree['params'], expected)}
+  try:
+    state = jax.device_get(checkpoints.restore_latest(manager, _abstract(profiles=expected),
+                                                      fresh=fresh))
+  finally:
+    manager.close()
+  common.assert_trees_equal(state.params, jax.device_get(written.params))
+  if not expected:
+    assert state.phema is None
+  elif saved == expected:
+    common.assert_trees_equal(state.phema, jax.device_get(written.phema))
+  else:
+    common.assert_trees_equal(state.phema, jax.device_get(phema.init(written.params, expected)))

@@ -68,6 +68,50 @@ def test_num_train_keeps_the_first_images():
                               'train')
 
 
+def test_validation_split_is_held_out_of_training_and_apart_from_test(tmp_path):
+  """Image i of the train split is filled with i, of the test split with 100 + i."""
+  path = tmp_path / 'numbered.npz'
+  numbered = lambda start, n: np.broadcast_to(
+      np.arange(start, start + n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 1))
+  np.savez(path, train=numbered(0, 50), test=numbered(100, 20))
+  config = common.data_config(dataset='npz', npz_path=str(path), validation_size=10)
+  ids = lambda images: set(np.asarray(images)[:, 0, 0, 0].tolist())
+  assert ids(datasets.load_split(config, 'validation')) == set(range(40, 50))
+  assert ids(datasets.load_split(config, 'train')) == set(range(40))
+  assert ids(datasets.load_split(config, 'test')) == set(range(100, 120))
+  info = datasets.dataset_info(config)
+  assert (info.num_train, info.num_validation, info.num_test) == (40, 10, 20)
+  # Three epochs of the training order, every image, never one held out.
+  seen = set()
+  for batch in common.take(input_pipeline.train_batches(config, global_batch_size=8, seed=3),
+                           15):
+    seen |= ids(batch['images'])
+  assert seen == set(range(40))
+  evals = input_pipeline.eval_batches(config, 'validation', global_batch_size=8)
+  assert set().union(*(ids(b['images'][b['mask']]) for b in evals)) == set(range(40, 50))
+  config.num_train = 30  # a run on fewer images still holds out the same ones
+  assert ids(datasets.load_split(config, 'train')) == set(range(30))
+  assert ids(datasets.load_split(config, 'validation')) == set(range(40, 50))
+  config.num_train = 41
+  with pytest.raises(ValueError, match='num_train=41 exceeds the 40 training images .* '
+                     'validation'):
+    datasets.load_split(config, 'train')
+  config.num_train, config.validation_size = None, 0
+  with pytest.raises(ValueError, match='set data.validation_size'):
+    datasets.load_split(config, 'validation')
+  config.validation_size = 50
+  with pytest.raises(ValueError, match='leaves none of the 50'):
+    datasets.dataset_info(config)
+
+
+def test_validation_labels_align_with_the_images():
+  config = common.data_config(dataset='digits', validation_size=200)
+  labels = {split: datasets.load_labels(config, split) for split in ('train', 'validation')}
+  full = datasets.load_labels(common.data_config(dataset='digits'), 'train')
+  np.testing.assert_array_equal(np.concatenate([labels['train'], labels['validation']]), full)
+  assert len(labels['validation']) == len(datasets.load_split(config, 'validation')) == 200
+
+
 def test_unknown_dataset_lists_accepted_names():
   with pytest.raises(ValueError, match='Unknown data.dataset=.cifar100.') as e:
     datasets.load_split(common.data_config(dataset='cifar100'), 'train')
@@ -282,6 +326,11 @@ def test_real_array_record_dataset(tmp_path, fresh_cache, monkeypatch):
   config.num_train = 41
   with pytest.raises(ValueError, match='num_train=41 exceeds the 40 training images'):
     datasets.open_split(config, 'train')
+  config.num_train, config.validation_size = None, 5  # read where indexed, from row 35 on
+  held_out = datasets.open_split(config, 'validation')
+  assert isinstance(held_out, datasets.RandomAccessImages)
+  assert held_out[np.arange(5)][:, 0, 0, 0].tolist() == values[35:].tolist()
+  assert len(datasets.open_split(config, 'train')) == 35
 
 
 def test_random_access_images_checks_records():

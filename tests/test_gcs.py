@@ -182,6 +182,15 @@ def test_training_writes_its_workdir_to_the_bucket_only(trained):
   assert _steps(workdir)[-1] == config.training.num_steps
   assert any(p.name.startswith('events.out.tfevents') for p in path.iterdir())
   common.assert_trees_equal(common.params_of(workdir, config), state.params)
+  # The EMA profiles' snapshot of the last step (docs/maths.md §14), read back from there:
+  # the post-hoc EMA of a tracked σ_rel is that profile, to float32 rounding.
+  assert (path / 'phema' / str(config.training.num_steps)).is_dir()
+  chosen = config.copy_and_resolve_references()
+  chosen.eval.phema_sigma_rel = 0.1
+  profile = jax.tree.map(lambda p: p[1], state.phema)
+  for got, tracked in zip(jax.tree.leaves(_state(chosen, workdir).ema_params),
+                          jax.tree.leaves(profile)):
+    np.testing.assert_allclose(got, tracked, rtol=0, atol=4e-7 * np.abs(tracked).max())
 
 
 @pytest.mark.slow

@@ -47,6 +47,9 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 # Noise levels from the adaptive proposal, so that its state (per-bin loss averages) is
 # part of every checkpoint, kill and resume below, beside parameters, EMA and optimiser.
 MODEL = dict(time_sampling='adaptive')
+# Snapshots of the EMA profiles (docs/maths.md §14) between the checkpoints' steps, so that
+# kills also cut their writes and resumed runs rewrite none of them differently.
+SNAPSHOTS = dict(snapshot_every=3)
 
 # Every test here trains, or reads a trained workdir; the CLI processes are killed after
 # each test.
@@ -103,6 +106,18 @@ def _restore(workdir, cfg, step=None):
   return _numpy(restored['state'])
 
 
+def _snapshots(workdir, cfg) -> dict:
+  """{step: profiles} of every complete snapshot of the EMA profiles in the workdir."""
+  wd = workdir_lib.Workdir(workdir)
+  abstract = build.build(cfg).abstract_state().params
+  manager = checkpoints.make_snapshot_manager(wd, asynchronous=False)
+  try:
+    return {t: _numpy(checkpoints.restore_snapshot(manager, t, abstract, 2))
+            for t in manager.all_steps()}
+  finally:
+    manager.close()
+
+
 def _fingerprint(workdir) -> dict:
   """sha256 of every file of the checkpoints and of config.json."""
   out = {}
@@ -156,7 +171,7 @@ def cli_env():
 def reference(tmp_path_factory):
   """The uninterrupted run, in process, keeping the checkpoint of every step."""
   workdir = tmp_path_factory.mktemp('reference')
-  cfg = _config(training=dict(KILL_TRAINING, keep_checkpoints=NUM_STEPS))
+  cfg = _config(training=dict(KILL_TRAINING, keep_checkpoints=NUM_STEPS), phema=SNAPSHOTS)
   final = _numpy(train.train_and_evaluate(cfg, str(workdir)))
   assert _complete_steps(workdir) == list(range(1, NUM_STEPS + 1))
   sampler = final.time_sampler  # the proposal learnt something to be restored
@@ -171,10 +186,13 @@ def reference(tmp_path_factory):
 def test_sigkill_at_random_moments_resumes_bit_identically(reference, tmp_path, cli_env,
                                                            caplog):
   ref_cfg, ref_dir, final = reference
-  cfg = _config(training=KILL_TRAINING)
-  flags = _flags(training=KILL_TRAINING)
+  cfg = _config(training=KILL_TRAINING, phema=SNAPSHOTS)
+  flags = _flags(training=KILL_TRAINING, phema=SNAPSHOTS)
   quiet = _config(training=dict(KILL_TRAINING, log_every=NUM_STEPS,
-                                checkpoint_every=NUM_STEPS))  # the same steps, faster
+                                checkpoint_every=NUM_STEPS),
+                  phema=SNAPSHOTS)  # the same steps, faster
+  snapshots = _snapshots(ref_dir, ref_cfg)
+  assert sorted(snapshots) == [3, 6, 9, 12, 15, 18, 20]
   workdir = tmp_path / 'run'
   rng = random.Random(20211020)
   newest = 0  # the newest complete checkpoint so far: it must never go away
@@ -217,12 +235,14 @@ def test_sigkill_at_random_moments_resumes_bit_identically(reference, tmp_path, 
     branch = tmp_path / f'after_kill_{kills}'
     shutil.copytree(workdir, branch)
     common.assert_trees_equal(_numpy(train.train_and_evaluate(quiet, str(branch))), final)
+    common.assert_trees_equal(_snapshots(branch, cfg), snapshots)
   assert kills >= 3 and killed_mid_write >= 1, (kills, killed_mid_write)
 
   run = _Cli(workdir, flags, cli_env)  # and the same command, once more
   assert run.finish() == 0, run.output[-3000:]
   assert f'from step {newest} to {NUM_STEPS}' in run.output
   common.assert_trees_equal(_restore(workdir, cfg), final)
+  common.assert_trees_equal(_snapshots(workdir, cfg), snapshots)
 
 
 @pytest.mark.parametrize('damage', ['truncated_arrays', 'garbled_metadata'])

@@ -88,6 +88,7 @@ for name, devices in (('1', jax.devices()[:1]), ('8', jax.devices())):
   state, metrics = call(state, gb)
   out[name] = dict(loss=float(metrics['loss'][0]), bpd=float(metrics['bpd'][0]),
                    kernel=np.asarray(state.params['score_model']['conv_in']['kernel']).ravel()[:50].tolist(),
+                   profiles=np.asarray(state.phema['score_model']['conv_in']['kernel']).reshape(2, -1)[:, :50].tolist(),
                    bins=np.asarray(state.time_sampler.mean_loss).tolist(),
                    updates=np.asarray(state.time_sampler.updates).tolist(),
                    evals={})
@@ -118,6 +119,7 @@ cfg.model.time_sampling = 'antithetic'  # the settings of reference_run
 cfg.model.second_order_weight = 0.0
 final = train.train_and_evaluate(cfg, WORKDIR)
 np.savez(WORKDIR + '/final_params.npz', *[np.asarray(x) for x in jax.tree.leaves(final.params)])
+np.savez(WORKDIR + '/final_profiles.npz', *[np.asarray(x) for x in jax.tree.leaves(final.phema)])
 print('RESULT' + json.dumps(out))
 '''
 
@@ -139,6 +141,10 @@ def test_one_step_same_on_1_and_8_devices(eight_devices):
   # reduction order differs: float32 rounding.
   assert out['8']['loss'] == pytest.approx(out['1']['loss'], rel=1e-5)
   np.testing.assert_allclose(out['8']['kernel'], out['1']['kernel'], rtol=1e-4, atol=1e-6)
+  # The EMA profiles (docs/maths.md §14) after step 1 are the parameters: β_1 = 0.
+  for profile in (0, 1):
+    assert out['1']['profiles'][profile] == out['1']['kernel']
+    np.testing.assert_allclose(out['8']['profiles'][profile], out['8']['kernel'], rtol=0)
   # The adaptive proposal's bins: the same global batch's integrands, all-reduced.
   assert out['8']['updates'] == out['1']['updates'] and sum(out['1']['updates']) > 0
   np.testing.assert_allclose(out['8']['bins'], out['1']['bins'], rtol=1e-5)
@@ -174,6 +180,10 @@ def test_checkpoint_from_8_devices_restores_on_1(eight_devices, reference_run):
   common.assert_trees_equal(jax.tree.leaves(params), written)  # bit for bit
   # …and the 8-device run trained like the 1-device one (see common.assert_params_close_across_reduction_orders).
   common.assert_params_close_across_reduction_orders(params, full.params)
+  # …and so did its EMA profiles (docs/maths.md §14), updated from those parameters.
+  saved = np.load(workdir / 'final_profiles.npz')
+  profiles = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+  common.assert_params_close_across_reduction_orders(profiles, jax.tree.leaves(full.phema))
 
 
 @pytest.mark.slow

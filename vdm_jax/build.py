@@ -7,6 +7,7 @@ benchmark all start from `build(config)`, so a run is described by its config al
 import dataclasses
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,6 +20,7 @@ from vdm_jax.runtime import checkpoints
 from vdm_jax.runtime import parallel
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.training import optim
+from vdm_jax.training import phema
 from vdm_jax.training import train_state
 from vdm_jax import validation
 
@@ -52,10 +54,12 @@ class Run:
       x = jnp.zeros((1,) + self.image_shape, jnp.uint8)
       params = self.model.init({'params': k_params, 'sample': k_sample,
                                 'dropout': k_dropout}, x, jnp.zeros((1,)))['params']
+      num_profiles = len(self.config.phema.sigma_rels)
       return train_state.TrainState(
           step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
           ema_params=params,
-          time_sampler=time_sampling.init_adaptive(self.config.model.adaptive_bins))
+          time_sampler=time_sampling.init_adaptive(self.config.model.adaptive_bins),
+          phema=phema.init(params, num_profiles) if num_profiles else None)
     return init
 
   def init_state(self) -> train_state.TrainState:
@@ -70,8 +74,17 @@ class Run:
                                      self.replicated)
 
   def eval_params(self, state: train_state.TrainState):
-    """The parameters evaluated and sampled: the EMA unless config.eval.use_ema is off."""
+    """The parameters evaluated and sampled: the EMA unless config.eval.use_ema is off
+    (restore() puts the post-hoc EMA of eval.phema_sigma_rel in its place)."""
     return state.ema_params if self.config.eval.use_ema else state.params
+
+  @property
+  def params_name(self) -> str:
+    """What eval_params are, as result files name them: ema | raw | phema_sigma_rel=σ."""
+    ev = self.config.eval
+    if not ev.use_ema:
+      return 'raw'
+    return 'ema' if ev.phema_sigma_rel is None else f'phema_sigma_rel={ev.phema_sigma_rel:g}'
 
 
 def build(config, mesh: Optional[Mesh] = None, image_shape: Optional[tuple] = None) -> Run:
@@ -88,6 +101,8 @@ def restore(config, workdir, mesh: Optional[Mesh] = None
 
   Fields that only change training (dropout, weighting, …) may differ from the saved
   config; model-defining ones may not. Raises WorkdirError when there is no checkpoint.
+  With config.eval.phema_sigma_rel, the state's EMA is that post-hoc EMA, reconstructed
+  from the workdir's snapshots (docs/maths.md §14).
   """
   wd = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(workdir)
   wd.require()
@@ -104,4 +119,12 @@ def restore(config, workdir, mesh: Optional[Mesh] = None
     raise workdir_lib.WorkdirError(
         f'No checkpoint in {wd.checkpoint_dir}: train first (--mode=train) or import one '
         '(--mode=import_original).')
+  sigma_rel = config.eval.phema_sigma_rel
+  if sigma_rel is not None:
+    abstract = run.abstract_state().params
+    (params,), info = phema.from_workdir(wd, abstract, [sigma_rel], int(state.step))
+    logging.info('Post-hoc EMA of sigma_rel %g at step %d from %d snapshots (fit error %.2g).',
+                 sigma_rel, info['phema_step'], info['phema_snapshots'],
+                 info['phema_fit_error'][0])
+    state = state.replace(ema_params=params)
   return run, state

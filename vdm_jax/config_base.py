@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.npz_path = config_dict.placeholder(str)  # For dataset=npz: file with uint8 'train' and 'test' [N, H, W, C].
   data.augment = False  # The original's flips and rotations, with the conditioning flag (§8).
   data.num_train = config_dict.placeholder(int)  # Use only the first N training images; None = all.
+  # Images held out at the end of the train split as the 'validation' split (--mode=phema
+  # chooses the EMA on it); training uses only the images before it. 0 = none.
+  data.validation_size = 0
 
   # ----------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
@@ -154,14 +157,30 @@ def get_config() -> ml_collections.ConfigDict:
   training.max_skipped_fraction = 0.1  # With skip_nonfinite: stop when more than this fraction of a run's steps were skipped.
   training.storage_timeout = 600.0  # Seconds the workdir's storage may leave a checkpoint save, or the lock's heartbeat, unanswered before the run stops with a message (exit 2), its complete checkpoints intact; the heartbeat waits at most 240 s whatever this says.
 
+  # ------------------------------------------- post-hoc EMA (docs/maths.md §14)
+  config.phema = phema = ml_collections.ConfigDict()
+  # σ_rel of the power-function EMA profiles tracked while training, in (0, 0.2887];
+  # each costs one more copy of the parameters in memory and in every checkpoint. () = none.
+  phema.sigma_rels = (0.05, 0.10)
+  # Steps between snapshots of the profiles in WORKDIR/phema/<step> (and the last step),
+  # all kept: num_steps/snapshot_every snapshots, each len(sigma_rels) x the parameters' bytes.
+  phema.snapshot_every = 100_000
+  # σ_rel reconstructed from the snapshots and evaluated on the validation split by
+  # --mode=phema, which draws the curve and names the best.
+  phema.candidates = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.15, 0.20)
+
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()
-  ev.split = 'test'  # Split evaluated: test | train.
+  ev.split = 'test'  # Split evaluated: test | train | validation (data.validation_size).
   ev.batch_size = 128  # Global evaluation batch; the last one is padded and masked.
   ev.num_draws = 1  # K: independent (t, eps) draws per image; the bpd averages them.
   ev.discrete_timesteps = ()  # Also report the discrete-T bound for each T listed.
   ev.use_ema = True  # Evaluate the EMA parameters (False: the raw ones).
   ev.num_examples = config_dict.placeholder(int)  # Evaluate the first N only; None = all.
+  # None: the EMA of optimizer.ema_rate. A σ_rel: the post-hoc EMA of that width instead,
+  # reconstructed from the snapshots in WORKDIR/phema at the checkpoint's step (§14;
+  # --mode=phema chooses one); eval, sample, compress and the ODE use it, and name it.
+  ev.phema_sigma_rel = config_dict.placeholder(float)
   ev.estimator = 'bound'  # bound: the variational bound (§3) | ode: the likelihood of the probability-flow ODE (§10, config.ode; eval.num_draws = dequantisation draws, with the importance-weighted bound over them, §15.1).
 
   # ------------------------------------------------------ probability-flow ODE (§10)

@@ -3,6 +3,7 @@ r"""Command line: train, evaluate, sample, and import the original checkpoints.
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=train
   python -m vdm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval \
       --config.eval.num_draws=4
+  python -m vdm_jax.main ... --mode=phema  # choose the EMA on data held out of training
 
 The workdir is a fixed place: the same command run again resumes from its newest
 checkpoint. `--config.a.b=value` overrides any field (the config is locked: a typo is an
@@ -34,6 +35,7 @@ from ml_collections import config_flags
 from vdm_jax.codec import tools as codec_tools
 from vdm_jax import errors
 from vdm_jax.evaluation import evaluate
+from vdm_jax.evaluation import posthoc_ema
 from vdm_jax.evaluation import sample_quality
 from vdm_jax.evaluation import sampling
 from vdm_jax import original
@@ -49,7 +51,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Fixed directory for checkpoints, logs, results.')
-flags.DEFINE_enum('mode', 'train', ('train', 'eval', 'sample', 'import_original',
+flags.DEFINE_enum('mode', 'train', ('train', 'eval', 'sample', 'phema', 'import_original',
                                     'compress', 'decompress'), 'What to do.')
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume training although the saved config defines another model.')
@@ -126,6 +128,14 @@ def _sample(config):
       print(f'written to {FLAGS.workdir}/{sample_quality.RESULTS_FILE}')
 
 
+def _phema(config):
+  results = posthoc_ema.select_workdir(config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(posthoc_ema.summary(results))
+    print(f'written to {FLAGS.workdir}/{posthoc_ema.RESULTS_FILE} and '
+          f'{posthoc_ema.PLOT_FILE}')
+
+
 def _import_original(config):
   path = original.import_checkpoint(config, FLAGS.original_checkpoint, FLAGS.workdir)
   print(f'imported {FLAGS.original_checkpoint} into {path}')
@@ -138,7 +148,7 @@ def _codec(config):
   print(command(config, FLAGS.workdir, FLAGS.input, FLAGS.output, overwrite=FLAGS.overwrite))
 
 
-MODES = {'train': _train, 'eval': _eval, 'sample': _sample,
+MODES = {'train': _train, 'eval': _eval, 'sample': _sample, 'phema': _phema,
          'import_original': _import_original, 'compress': _codec, 'decompress': _codec}
 
 

@@ -20,6 +20,7 @@ from vdm_jax.model import schedules
 from vdm_jax.model import time_sampling
 from vdm_jax.model import vdm
 from vdm_jax.training import optim
+from vdm_jax.training import phema
 
 DTYPES = ('float32', 'bfloat16')
 # training.storage_timeout's least value: orbax bounds a save in whole seconds, and the
@@ -103,7 +104,7 @@ def _check_values(config) -> list[str]:
   choice(errors, 'optimizer.decay', o.decay, optim.DECAYS)
   choice(errors, 'optimizer.weight_decay_mask', o.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
   choice(errors, 'sample.decode', config.sample.decode, DECODES)
-  choice(errors, 'eval.split', config.eval.split, datasets.SPLITS)
+  choice(errors, 'eval.split', config.eval.split, datasets.EVAL_SPLITS)
   if m.timesteps < 0:
     errors.append(f'config.model.timesteps = {m.timesteps}: must be ≥ 0 (0 = continuous '
                   'time, T > 0 = the discrete-time bound with T steps).')
@@ -200,7 +201,7 @@ def _check_values(config) -> list[str]:
                   'default is 600.')
   errors += (config_checks.check_ode_fields(config)
              + config_checks.check_codec_fields(config.codec))
-  errors += config_checks.check_quality_fields(config)
+  errors += config_checks.check_quality_fields(config) + phema.check_config(config)
   if d.dataset == 'npz' and not d.npz_path:
     errors.append("config.data.npz_path is required with data.dataset = 'npz' "
                   '(a .npz with uint8 arrays train and test, [N, H, W, C]).')
@@ -244,7 +245,8 @@ def validate(config, mesh=None, image_shape=None) -> datasets.DatasetInfo:
       errors.append(f'config.training.batch_size = {config.training.batch_size} exceeds the '
                     f'{info.num_train} training images of {info.name} (after '
                     'data.num_train); lower the batch size or use more training images.')
-    split_size = info.num_test if config.eval.split == 'test' else info.num_train
+    split_size = {'test': info.num_test, 'train': info.num_train,
+                  'validation': info.num_validation}[config.eval.split]
     if config.eval.num_examples is not None and config.eval.num_examples > split_size:
       errors.append(f'config.eval.num_examples = {config.eval.num_examples} exceeds the '
                     f'{split_size} images of the {config.eval.split!r} split of {info.name}; '

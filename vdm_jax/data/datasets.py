@@ -37,7 +37,10 @@ import numpy as np
 from vdm_jax.data import tfds_source
 
 RandomAccessImages = tfds_source.RandomAccessImages  # a split read a row at a time
-SPLITS = ('train', 'test')
+SPLITS = ('train', 'test')  # the splits a dataset provides
+# What commands read: 'validation' is the last data.validation_size images of the
+# provided train split, and 'train' then ends before it (train_rows).
+EVAL_SPLITS = SPLITS + ('validation',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class DatasetInfo:
   vocab_size: int
   num_train: int
   num_test: int
+  num_validation: int = 0  # data.validation_size: held out at the end of the train split
 
 
 def _validate_images(images: np.ndarray, where: str, vocab_size: int) -> None:
@@ -223,10 +227,27 @@ def not_prepared_message(dataset: str, data_dir: Optional[str]) -> str:
 # ---------------------------------------------------------------------- splits
 
 
-def _check_num_train(limit: Optional[int], available: int, dataset: str) -> None:
-  if limit is not None and limit > available:
-    raise ValueError(f'data.num_train={limit} exceeds the {available} training images of '
-                     f'{dataset}; lower it or set it to None for all.')
+def train_rows(data_config, available: int, split: str = 'train') -> tuple[int, int]:
+  """[start, stop) of `split` ('train' or 'validation') among the provided train split's
+  `available` images: validation is the last data.validation_size of them, and training
+  uses the first data.num_train (default: all) of those before it, so the two never meet.
+  """
+  held_out = data_config.validation_size
+  if held_out >= available:
+    raise ValueError(f'data.validation_size={held_out} leaves none of the {available} '
+                     f'training images of {data_config.dataset} to train on; lower it.')
+  if split == 'validation':
+    if not held_out:
+      raise ValueError("split 'validation' is empty: set data.validation_size to the number "
+                       'of training images to hold out (before training, so that training '
+                       'never sees them).')
+    return available - held_out, available
+  limit = data_config.num_train
+  if limit is not None and limit > available - held_out:
+    raise ValueError(f'data.num_train={limit} exceeds the {available - held_out} training '
+                     f'images of {data_config.dataset} before the {held_out} held out for '
+                     'validation (data.validation_size); lower one of them.')
+  return 0, available - held_out if limit is None else limit
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,27 +263,29 @@ def _warn_whole_split(dataset: str, split: str) -> None:
 def open_split(data_config, split: str):
   """A split to index a batch at a time (uint8 array or RandomAccessImages).
 
-  'train' keeps only the first `data.num_train` images when that is set. Arrays are
-  read-only views of the per-process cache.
+  'train' and 'validation' are rows of the provided train split (train_rows): the
+  validation slice at its end, training the first `data.num_train` (default: all) before
+  it. Arrays are read-only views of the per-process cache.
   """
   entry = get(data_config.dataset)
-  if split not in SPLITS:
-    raise ValueError(f'split={split!r}: must be one of {SPLITS}.')
+  if split not in EVAL_SPLITS:
+    raise ValueError(f'split={split!r}: must be one of {EVAL_SPLITS}.')
+  provided = 'test' if split == 'test' else 'train'
   if entry.tfds_name is None:
-    images = entry.load(data_config)[split]
+    images = entry.load(data_config)[provided]
   else:
-    images = _open_tfds(data_config.dataset, split, data_config.data_dir)
+    images = _open_tfds(data_config.dataset, provided, data_config.data_dir)
     if images is None:
       if jax.process_count() > 1:
-        _warn_whole_split(data_config.dataset, split)
-      images = _load_tfds(data_config.dataset, split, data_config.data_dir)
-  limit = data_config.num_train if split == 'train' else None
-  if limit is not None:
-    _check_num_train(limit, len(images), data_config.dataset)
+        _warn_whole_split(data_config.dataset, provided)
+      images = _load_tfds(data_config.dataset, provided, data_config.data_dir)
+  if provided == 'train':
+    start, stop = train_rows(data_config, len(images), split)
     if isinstance(images, RandomAccessImages):
-      images = RandomAccessImages(images._source, images.shape[1:], images._where, limit)  # pylint: disable=protected-access
+      images = RandomAccessImages(images._source, images.shape[1:], images._where, stop,  # pylint: disable=protected-access
+                                  start)
     else:
-      images = images[:limit]
+      images = images[start:stop]
   if isinstance(images, np.ndarray):
     images = images.view()
     images.setflags(write=False)
@@ -284,10 +307,10 @@ def load_labels(data_config, split: str) -> Optional[np.ndarray]:
   entry = get(data_config.dataset)
   if not entry.labelled:
     return None
-  labels = entry.load(data_config)[f'{split}_labels']
-  if split == 'train' and data_config.num_train is not None:
-    _check_num_train(data_config.num_train, len(labels), data_config.dataset)
-    labels = labels[:data_config.num_train]
+  labels = entry.load(data_config)['test_labels' if split == 'test' else 'train_labels']
+  if split != 'test':
+    start, stop = train_rows(data_config, len(labels), split)
+    labels = labels[start:stop]
   labels = labels.view()
   labels.setflags(write=False)
   return labels
@@ -303,11 +326,12 @@ def dataset_info(data_config) -> DatasetInfo:
   if counts is None:
     train, test = open_split(data_config, 'train'), open_split(data_config, 'test')
     shape, counts = train.shape[1:], [len(train), len(test)]
-  elif data_config.num_train is not None:
-    _check_num_train(data_config.num_train, counts[0], name)
-    counts[0] = data_config.num_train
+  else:
+    start, stop = train_rows(data_config, counts[0])
+    counts[0] = stop - start
   return DatasetInfo(name=name, height=shape[0], width=shape[1], channels=shape[2],
-                     vocab_size=entry.vocab_size, num_train=counts[0], num_test=counts[1])
+                     vocab_size=entry.vocab_size, num_train=counts[0], num_test=counts[1],
+                     num_validation=data_config.validation_size)
 
 
 def clear_cache() -> None:

@@ -55,19 +55,22 @@ class RandomAccessImages:
   iterators use: len(), .shape, and images[int_indices] -> a new uint8 array.
   """
 
-  def __init__(self, source, image_shape: tuple, where: str, limit: Optional[int] = None):
-    """`source[i]['image']` is image i; only the first `limit` are used (None: all)."""
+  def __init__(self, source, image_shape: tuple, where: str, limit: Optional[int] = None,
+               start: int = 0):
+    """`source[start + i]['image']` is image i; only records before `limit` are used
+    (None: all)."""
     self._source = source
     self._image_shape = tuple(image_shape)
     self._where = where
-    count = len(source) if limit is None else min(limit, len(source))
+    self._start = start
+    count = (len(source) if limit is None else min(limit, len(source))) - start
     self.shape = (count,) + self._image_shape
 
   def __len__(self) -> int:
     return self.shape[0]
 
   def _read(self, index: int) -> np.ndarray:
-    return np.asarray(self._source[index]['image'])
+    return np.asarray(self._source[self._start + index]['image'])
 
   def __getitem__(self, indices) -> np.ndarray:
     indices = np.asarray(indices)

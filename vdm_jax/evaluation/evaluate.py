@@ -111,7 +111,7 @@ def evaluate_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir,
   timesteps = [None] + [int(t) for t in config.eval.discrete_timesteps]
   results = evaluate(run.model, run.eval_params(state), config, run.mesh,
                      timesteps_list=timesteps)
-  results.update(params='ema' if config.eval.use_ema else 'raw', step=step)
+  results.update(params=run.params_name, step=step)
   if not math.isfinite(results['bpd']):
     raise errors.NonFiniteError(
         f'The bound of the checkpoint at step {step} in {wd.checkpoint_dir} is not finite '
@@ -130,7 +130,7 @@ def _ode_and_write(run: build_lib.Run, state, wd: workdir_lib.Workdir, writer) -
   workdir's ODE results JSON."""
   step = int(jax.device_get(state.step))
   results = ode.evaluate(run.model, run.eval_params(state), run.config, run.mesh)
-  results.update(params='ema' if run.config.eval.use_ema else 'raw', step=step)
+  results.update(params=run.params_name, step=step)
   wd.write_results(results, step, name=ode.RESULTS_FILE)
   writer.write_scalars(step, {f'eval_ode/{k}': results[k] for k in ode.SCALARS
                               if k in results})

@@ -99,7 +99,8 @@ def score_samples(run: build_lib.Run, params: Any, wd: workdir_lib.Workdir, step
   seconds = time.time() - start
   results = sample_quality.evaluate_samples(samples, config, features)
   results.update(timesteps=config.sample.timesteps, decode=config.sample.decode,
-                 use_ema=config.eval.use_ema, seconds_sampling=round(seconds, 1))
+                 use_ema=config.eval.use_ema, params=run.params_name,
+                 seconds_sampling=round(seconds, 1))
   wd.write_results(results, step, sample_quality.RESULTS_FILE)
   if writer is not None and jax.process_index() == 0:
     writer.write_scalars(int(step), sample_quality.scalars(results))

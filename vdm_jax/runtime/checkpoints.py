@@ -46,16 +46,20 @@ def make_manager(workdir, keep: int = 3, asynchronous: bool = True, create: bool
   An asynchronous save still unfinished after `timeout` seconds (orbax's default when
   None) is abandoned: `save` and `wait` then raise SaveTimeoutError.
   """
+  return _manager(workdir.checkpoint_dir, {'state': ocp.StandardCheckpointHandler()},
+                  keep, asynchronous, create, timeout)
+
+
+def _manager(directory, item_handlers: dict, keep: Optional[int], asynchronous: bool,
+             create: bool, timeout: Optional[float]) -> ocp.CheckpointManager:
   async_options = (None if timeout is None else
                    ocp.options.AsyncOptions(timeout_secs=max(1, math.ceil(timeout))))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous,
       async_options=async_options)
-  directory = workdir.checkpoint_dir
   if not gcs.is_gcs(directory):  # epath's absolute() would put the cwd before gs://
     directory = directory.absolute()
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers={'state': ocp.StandardCheckpointHandler()})
+  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 @contextlib.contextmanager
@@ -137,27 +141,29 @@ def _restore_target(abstract_state: Any, saved: Optional[dict], resettable: tupl
 
   A resettable field (training bookkeeping such as the adaptive proposal's averages) that
   the checkpoint lacks, or holds with other shapes, is left out of the target, or taken
-  with the saved shapes, and then replaced by zeros of the expected shapes. Every other
-  field keeps the state's own tree (optax's tuples and named tuples included).
+  with the saved shapes, and then replaced by zeros of the expected shapes; one that the
+  state no longer has (None) is read with the saved shapes and dropped.
   """
   if saved is None:
     return abstract_state, ()
-  # The state's fields, one level deep: each keeps its own tree.
+  # The fields as they are (an optimiser state's tuples stay tuples, as on disk).
   target = {f.name: getattr(abstract_state, f.name)
             for f in dataclasses.fields(abstract_state)}
   reset = []
   for name in resettable:
-    field = target.get(name)
-    if field is None:
+    absent = getattr(abstract_state, name, None) is None
+    if absent and saved.get(name) is None:
       continue
+    expected = None if absent else _shapes(
+        flax.serialization.to_state_dict(getattr(abstract_state, name)))
     if name not in saved:  # written before the field existed
       del target[name]
     elif saved[name] is None:  # written empty
       target[name] = None
-    elif _shapes(saved[name]) != _shapes(flax.serialization.to_state_dict(field)):
-      sharding = jax.tree.leaves(field)[0].sharding
-      target[name] = flax.serialization.from_state_dict(field, jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name]))
+    elif _shapes(saved[name]) != expected:
+      sharding = jax.tree.leaves(abstract_state)[0].sharding
+      target[name] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name])
     else:
       continue
     reset.append(name)
@@ -170,8 +176,8 @@ def _zeros(abstract) -> Any:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   set_aside: bool = True, resettable: tuple = ('time_sampler',)
-                   ) -> Optional[Any]:
+                   set_aside: bool = True, resettable: tuple = ('time_sampler', 'phema'),
+                   fresh: Optional[dict] = None) -> Optional[Any]:
   """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
   A damaged checkpoint (unreadable files) is reported and the previous one tried; once
@@ -181,7 +187,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   the parameters. Returns the state, or None when there is no checkpoint. Readers that
   do not own the workdir (evaluation, sampling) pass set_aside=False and rename nothing.
   The `resettable` fields of a checkpoint written without them, or with other shapes,
-  start afresh as zeros (see _restore_target).
+  start afresh (see _restore_target): as `fresh[name](restored state dict)` where given,
+  else as zeros.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   expected = _flat_shapes(abstract_state.params)
@@ -213,12 +220,18 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     logging.info('Restored checkpoint at step %d from %s.', step, manager.directory)
     state = restored['state']
     if reset:
-      logging.warning('The checkpoint at step %d holds no %s of the expected shapes (the '
-                      'adaptive proposal\'s averages per γ bin: model.adaptive_bins changed, '
-                      'or the checkpoint has none); they start afresh at zero.', step,
-                      ', '.join(reset))
-      fresh = {name: _zeros(getattr(abstract_state, name)) for name in reset}
-      state = abstract_state.replace(**{**state, **fresh})
+      logging.warning('The checkpoint at step %d holds no %s of the expected shapes; '
+                      'it starts afresh%s.', step, ', '.join(reset),
+                      ' (the adaptive proposal\'s averages per γ bin start at zero: '
+                      'model.adaptive_bins changed, or the checkpoint has none)'
+                      if 'time_sampler' in reset else '')
+      kept = {k: flax.serialization.to_state_dict(v) for k, v in state.items()
+              if k not in reset}
+      new = {name: None if getattr(abstract_state, name) is None
+             else flax.serialization.to_state_dict(
+                 fresh[name](kept) if name in (fresh or {})
+                 else _zeros(getattr(abstract_state, name))) for name in reset}
+      state = flax.serialization.from_state_dict(abstract_state, {**kept, **new})
     return state
   if steps:
     raise CheckpointError(
@@ -284,3 +297,34 @@ def abstract_like(state: Any, sharding) -> Any:
   """ShapeDtypeStructs of `state` with the given sharding: orbax's restore target."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+# ------------------------------------- snapshots of the EMA profiles (docs/maths.md §14)
+def make_snapshot_manager(workdir, create: bool = False, asynchronous: bool = True,
+                          timeout: Optional[float] = None) -> ocp.CheckpointManager:
+  """The orbax manager of `workdir.phema_dir`: every snapshot is kept, each written
+  atomically like a checkpoint (a kill leaves the complete ones intact)."""
+  return _manager(workdir.phema_dir, {'profiles': ocp.StandardCheckpointHandler(),
+                                      'meta': ocp.JsonCheckpointHandler()},
+                  None, asynchronous, create, timeout)
+
+
+def save_snapshot(manager: ocp.CheckpointManager, step: int, profiles: Any, meta: dict,
+                  timeout: Optional[float] = None) -> None:
+  """Starts an (asynchronous) save of the profiles at `step`, with `meta` (their σ_rel, γ)."""
+  with _bounded(manager, timeout):
+    manager.save(step, args=ocp.args.Composite(profiles=ocp.args.StandardSave(profiles),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def snapshot_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def restore_snapshot(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+                     num_profiles: int) -> Any:
+  """The profiles of the snapshot at `step`: leaves [K, ...] on abstract_params' shardings."""
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct((num_profiles,) + a.shape, a.dtype,
+                                                       sharding=a.sharding), abstract_params)
+  return manager.restore(step, args=ocp.args.Composite(
+      profiles=ocp.args.StandardRestore(target)))['profiles']

@@ -2,6 +2,8 @@
 
   WORKDIR/config.json            the resolved config of the run (process 0 writes it)
   WORKDIR/checkpoints/<step>/    orbax checkpoints (vdm_jax/runtime/checkpoints.py)
+  WORKDIR/phema/<step>/          snapshots of the EMA profiles (docs/maths.md §14)
+  WORKDIR/phema_results*.json    the post-hoc EMA's curve (--mode=phema), and its plot
   WORKDIR/eval_results*.json     evaluations (latest, and one per step)
   WORKDIR/samples_<step>.png     sample grids
   WORKDIR/lock.json              the owner of a training run (vdm_jax/runtime/workdir_lock.py)
@@ -27,6 +29,7 @@ from vdm_jax.runtime import gcs
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+PHEMA_DIR = 'phema'
 RESULTS_FILE = 'eval_results.json'
 
 
@@ -51,6 +54,7 @@ class Workdir:
   def __init__(self, path):
     self.path = epath.Path(path)
     self.checkpoint_dir = self.path / CHECKPOINT_DIR
+    self.phema_dir = self.path / PHEMA_DIR
 
   def __repr__(self) -> str:
     return f'Workdir({str(self.path)!r})'
@@ -157,6 +161,12 @@ class Workdir:
     name = RESULTS_FILE if step is None else f'eval_results_{int(step)}.json'
     path = self.path / name
     return json.loads(path.read_text()) if path.exists() else None
+
+  def write_file(self, name: str, data: bytes) -> epath.Path:
+    """Writes WORKDIR/NAME atomically (process 0 only)."""
+    if jax.process_index() == 0:
+      _atomic_write(self.path / name, data)
+    return self.path / name
 
   def samples_path(self, step: int) -> epath.Path:
     return self.path / f'samples_{int(step)}.png'

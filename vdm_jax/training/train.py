@@ -34,6 +34,7 @@ from vdm_jax.runtime import signals as signals_lib
 from vdm_jax.runtime import workdir as workdir_lib
 from vdm_jax.runtime import workdir_lock
 from vdm_jax.training import optim
+from vdm_jax.training import phema
 from vdm_jax.training import train_state
 from vdm_jax import validation
 
@@ -66,6 +67,10 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
   params = optax.apply_updates(state.params, updates)
   ema_params = optim.ema_update(state.ema_params, params,
                                 optim.ema_rate(config.optimizer, state.step))
+  profiles = state.phema
+  if profiles is not None:  # the power-function EMAs (docs/maths.md §14)
+    profiles = phema.update(profiles, params, state.step,
+                            phema.gammas(config.phema.sigma_rels))
   sampler = state.time_sampler
   if adaptive:
     if mc.schedule == multivariate.NAME:  # the mulan proposal is over t (§13.5)
@@ -80,7 +85,7 @@ def train_step(model: vdm.VDM, tx: optax.GradientTransformation, config, key: ja
       step=state.step + 1, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       ema_params=keep(ema_params, state.ema_params),
-      time_sampler=keep(sampler, state.time_sampler))
+      time_sampler=keep(sampler, state.time_sampler), phema=keep(profiles, state.phema))
 
   to_bpd = lambda nats: vdm.bits_per_dim(nats, num_dims)
   lr = optim.learning_rate_schedule(config.optimizer, config.training.num_steps)(state.step)
@@ -135,8 +140,9 @@ def next_boundary(step: int, config) -> int:
   """The next step at which the loop must stop a dispatch (log, save, eval, sample, end)."""
   tc = config.training
   stops = [tc.num_steps]
+  snapshot_every = config.phema.snapshot_every if config.phema.sigma_rels else 0
   for every in (tc.steps_per_call, tc.log_every, tc.checkpoint_every, tc.eval_every,
-                tc.sample_every):
+                tc.sample_every, snapshot_every):
     if every and every > 0:
       stops.append((step // every + 1) * every)
   return min(stops)
@@ -203,8 +209,18 @@ def _start(run, wd, manager, allow_config_change: bool):
         f'config.training.num_steps = {config.training.num_steps} is below the step of the '
         f'newest checkpoint in {wd.checkpoint_dir} ({steps[-1]}); nothing was changed. '
         f'Set it to {steps[-1]} or more to continue, or use another --workdir.'])
-  state = checkpoints.restore_latest(manager, run.abstract_state())
-  return run.init_state() if state is None else state
+  num_profiles = len(config.phema.sigma_rels)
+  restart = lambda tree: jax.device_put(phema.init(tree['params'], num_profiles), run.replicated)
+  state = checkpoints.restore_latest(manager, run.abstract_state(),
+                                     fresh={'phema': restart})
+  if state is None:
+    return run.init_state()
+  tracked = tuple((saved or {}).get('phema', {}).get('sigma_rels', ()))
+  if state.phema is not None and tracked != tuple(config.phema.sigma_rels):
+    logging.warning('phema.sigma_rels is %s, the checkpoint tracked %s: the profiles start '
+                    'afresh from the parameters.', tuple(config.phema.sigma_rels), tracked)
+    state = state.replace(phema=restart({'params': state.params}))
+  return state
 
 
 def train_and_evaluate(config, workdir, *, mesh=None, allow_config_change: bool = False,
@@ -224,6 +240,9 @@ def train_and_evaluate(config, workdir, *, mesh=None, allow_config_change: bool 
   process there, whatever call to the storage the run is blocked in).
   """
   wd = workdir_lib.Workdir(workdir)
+  if config.eval.phema_sigma_rel is not None:  # evaluations while training use today's EMA
+    config = config.copy_and_resolve_references()
+    config.eval.phema_sigma_rel = None
   run = build_lib.build(config, mesh)
   wd.create()
   tc = config.training
@@ -233,6 +252,9 @@ def train_and_evaluate(config, workdir, *, mesh=None, allow_config_change: bool 
     wd.check_writable()
     manager = checkpoints.make_manager(wd, keep=tc.keep_checkpoints, create=True,
                                        timeout=tc.storage_timeout)
+    snapshots = (checkpoints.make_snapshot_manager(wd, create=True, timeout=tc.storage_timeout)
+                 if config.phema.sigma_rels else None)
+    managers = (manager,) if snapshots is None else (manager, snapshots)
     writer = None
     try:
       state = _start(run, wd, manager, allow_config_change)
@@ -247,26 +269,27 @@ def train_and_evaluate(config, workdir, *, mesh=None, allow_config_change: bool 
                               if isinstance(v, (int, float, str, bool))})
       logging.info('Training %s from step %d to %d on %d device(s); workdir %s.',
                    run.info.name, step, tc.num_steps, run.mesh.devices.size, wd)
-      state = _train_loop(run, wd, state, manager, writer, signals, holding)
+      state = _train_loop(run, wd, state, managers, writer, signals, holding)
     except errors.StorageLost:
       raise  # nothing more can be written: an abandoned save leaves no partial checkpoint
     except BaseException as e:
       if gcs.describe_fault(e, str(wd)) is None:  # the storage answers: close cleanly
-        _close(manager, writer, tc.storage_timeout, quietly=True)
+        _close(managers, writer, tc.storage_timeout, quietly=True)
       raise
-    _close(manager, writer, tc.storage_timeout)
+    _close(managers, writer, tc.storage_timeout)
   return state
 
 
-def _close(manager, writer, timeout: float, quietly: bool = False) -> None:
+def _close(managers, writer, timeout: float, quietly: bool = False) -> None:
   """Waits for the save in flight (never left half-written), flushes the metrics.
 
   quietly: on the way out after an error, which a failure here (the same storage,
   most likely) must not replace; it is logged instead.
   """
   try:
-    checkpoints.wait(manager, timeout)
-    manager.close()
+    for manager in managers:
+      checkpoints.wait(manager, timeout)
+      manager.close()
     if writer is not None:
       writer.flush()
   except Exception as e:  # pylint: disable=broad-except
@@ -275,9 +298,19 @@ def _close(manager, writer, timeout: float, quietly: bool = False) -> None:
     logging.error('While stopping: %s: %s', type(e).__name__, str(e)[:500])
 
 
-def _train_loop(run, wd, state, manager, writer, signals, holding):
+def _snapshot_due(step: int, config, written: set) -> bool:
+  """Whether the EMA profiles are snapshot after `step` (not again after a resume)."""
+  due = _is_multiple(step, config.phema.snapshot_every) or step == config.training.num_steps
+  return due and step not in written
+
+
+def _train_loop(run, wd, state, managers, writer, signals, holding):
   config, tc = run.config, run.config.training
   step = int(jax.device_get(state.step))
+  manager, snapshots = managers[0], (managers[1:] or (None,))[0]
+  written = set(snapshots.all_steps()) if snapshots is not None else set()
+  meta = dict(sigma_rels=list(config.phema.sigma_rels),
+              gammas=list(phema.gammas(config.phema.sigma_rels)))
   train_call = make_train_call(run.model, run.tx, config, run.mesh)
   batches = input_pipeline.train_batches(
       config.data, global_batch_size=tc.batch_size, seed=config.seed, start_step=step)
@@ -321,8 +354,12 @@ def _train_loop(run, wd, state, manager, writer, signals, holding):
     _stop_if_lost(holding, lost)
     if _is_multiple(step, tc.checkpoint_every) or step == tc.num_steps or preempt:
       checkpoints.save(manager, step, state, tc.storage_timeout)
+    if snapshots is not None and _snapshot_due(step, config, written):
+      checkpoints.save_snapshot(snapshots, step, state.phema, dict(meta, step=step),
+                                tc.storage_timeout)
     if preempt:
-      checkpoints.wait(manager, tc.storage_timeout)
+      for m in managers:
+        checkpoints.wait(m, tc.storage_timeout)
       writer.flush()
       raise errors.Preempted(step, wd)
     if _is_multiple(step, tc.eval_every) and step < tc.num_steps:
