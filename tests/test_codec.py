@@ -346,7 +346,7 @@ def test_a_forged_header_with_a_valid_checksum_is_refused(files, kind):
 def test_other_environment_is_refused(files, monkeypatch):
   _, data = files
   model, params = tiny_model()
-  monkeypatch.setattr(file_format, 'environment', lambda: 'jax 0.0; other device')
+  monkeypatch.setattr(fingerprints, 'environment', lambda: 'jax 0.0; other device')
   with pytest.raises(file_format.MismatchError, match='other device'):
     compressor.decompress(model, params, data['mixed'])
   # A conventional file needs no network: it decodes anywhere.

@@ -151,9 +151,9 @@ def test_one_step_same_on_1_and_8_devices(eight_devices):
   # The mulan schedule (docs/maths.md §13): latent draws and t-proposal over the global batch.
   assert out['mulan8']['loss'] == pytest.approx(out['mulan1']['loss'], rel=1e-5)
   assert out['mulan8']['latent'] == pytest.approx(out['mulan1']['latent'], rel=1e-4)
-  assert max(map(abs, out['mulan1']['coefficients'])) > 0  # the schedule trained
   np.testing.assert_allclose(out['mulan8']['coefficients'], out['mulan1']['coefficients'],
                              rtol=1e-4, atol=1e-7)
+  assert max(out['mulan1']['bins']) > 0  # the t-proposal's bins were updated
   np.testing.assert_allclose(out['mulan8']['bins'], out['mulan1']['bins'], rtol=1e-5)
 
 

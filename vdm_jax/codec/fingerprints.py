@@ -13,6 +13,8 @@ import jax
 import jaxlib
 import numpy as np
 
+from vdm_jax import config_base
+
 
 def digest(*parts: bytes) -> bytes:
   """SHA-256 of the length-prefixed parts (16 bytes; files keep a prefix of it)."""
@@ -23,9 +25,19 @@ def digest(*parts: bytes) -> bytes:
   return h.digest()[:16]
 
 
+# Fields of config.model that came after the files' fingerprint: left out of it while
+# they hold their defaults (which compute what the model computed before them), so that
+# files written before them still decode.
+LATER_FIELDS = ('mulan_latent_draws', 'mulan_latent_classes', 'mulan_hidden',
+                'second_order_weight')
+
+
 def config_hash(model_config) -> bytes:
-  """Digest of `config.model` (every field, sorted): what defines the network."""
+  """Digest of `config.model` (every field, sorted; LATER_FIELDS only where they differ
+  from their defaults): what defines the network."""
   cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+  defaults = config_base.get_config().model
+  cfg = {k: v for k, v in cfg.items() if k not in LATER_FIELDS or v != defaults[k]}
   return digest(json.dumps(cfg, sort_keys=True, default=repr).encode())
 
 
